@@ -1,0 +1,129 @@
+"""Hugging Face registration: `AutoConfig` / `AutoModelForCausalLM` work on a checkpoint directory
+with no `trust_remote_code`, for the engines (which read the config through transformers) and for
+users of the reference model.
+
+`CognicaPoEConfig` accepts nanochat and HF field names (see `cognica.config`) and exposes both,
+plus what the engines read: `head_dim`, `intermediate_size`, `final_logit_softcapping`, the
+per-layer windows, and SGLang's hybrid sliding-window fields derived from `window_pattern`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from cognica.config import (
+    _ALIASES,
+    ARCHITECTURE,
+    LOGIT_SOFTCAP,
+    MODEL_TYPE,
+    ROPE_BASE,
+    CognicaConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class CognicaPoEConfig(PretrainedConfig):
+    model_type = MODEL_TYPE
+
+    def __init__(self, **kwargs: Any):
+        fields = {s: kwargs.pop(s) for spellings in _ALIASES.values() for s in spellings if s in kwargs}
+        # transformers builds a default instance (no fields) to diff against: give it the release shape
+        cfg = CognicaConfig.from_dict(fields) if fields else CognicaConfig()
+        for key in ("head_dim", "intermediate_size", "rope_theta", "final_logit_softcapping", "tie_word_embeddings",
+                    "is_hybrid_swa", "hybrid_layer_pattern", "layer_types", "sliding_window", "rope_parameters"):
+            kwargs.pop(key, None)  # derived below; a stale saved value never wins
+        kwargs.setdefault("bos_token_id", 32759)
+        kwargs.setdefault("eos_token_id", 32759)
+        super().__init__(tie_word_embeddings=False, **kwargs)
+        for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "sequence_len", "window_pattern",
+                     "poe_mode"):
+            setattr(self, name, getattr(cfg, name))
+        self.num_hidden_layers = cfg.n_layer
+        self.num_attention_heads = cfg.n_head
+        self.num_key_value_heads = cfg.n_kv_head
+        self.hidden_size = cfg.n_embd
+        self.max_position_embeddings = cfg.sequence_len
+        self.head_dim = cfg.head_dim
+        self.intermediate_size = cfg.mlp_hidden
+        self.hidden_act = "relu2"
+        self.rope_theta = ROPE_BASE
+        self.final_logit_softcapping = LOGIT_SOFTCAP
+        # SGLang's hybrid SWA pool: 1 marks a sliding layer (see cognica_sglang)
+        self.hybrid_layer_pattern = [int(s) for s in cfg.is_sliding]
+        self.is_hybrid_swa = any(cfg.is_sliding)
+        self.window_left = list(cfg.window_left)
+
+    def to_cognica(self) -> CognicaConfig:
+        return CognicaConfig.from_dict(
+            {k: getattr(self, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size",
+                                           "sequence_len", "window_pattern", "poe_mode")}
+        )
+
+
+def cognica_config(hf_config: Any) -> CognicaConfig:
+    """The frozen core config from whatever HF config object an engine hands a model."""
+    if isinstance(hf_config, CognicaPoEConfig):
+        return hf_config.to_cognica()
+    return CognicaConfig.from_dict(hf_config.to_dict())
+
+
+class CognicaPoEForCausalLM(PreTrainedModel):
+    """The reference model behind `AutoModelForCausalLM`; `from_pretrained` goes through the validated
+    loader (`cognica.checkpoint`), so every native name variant loads and bad files fail clearly."""
+
+    config_class = CognicaPoEConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: CognicaPoEConfig):
+        super().__init__(config)
+        from cognica.model import CognicaGPT
+
+        self.model = CognicaGPT(config.to_cognica())
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> CausalLMOutput:
+        return CausalLMOutput(logits=self.model(input_ids))
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """KV-cache generation of the reference (`cognica.model.CognicaGPT.generate`), HF-shaped."""
+        t = temperature if do_sample else 0.0
+        new = self.model.generate(input_ids.tolist(), max_new_tokens, temperature=t, top_k=top_k)
+        return torch.tensor([p + n for p, n in zip(input_ids.tolist(), new)], device=input_ids.device)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, dtype: Any = None,
+                        torch_dtype: Any = None, **kwargs: Any) -> CognicaPoEForCausalLM:
+        from cognica.model import load_reference
+
+        dtype = dtype or torch_dtype or torch.float32
+        if isinstance(dtype, str):
+            dtype = torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
+        ref = load_reference(pretrained_model_name_or_path, dtype=dtype)
+        config = CognicaPoEConfig.from_pretrained(pretrained_model_name_or_path)
+        with torch.device("meta"):
+            model = cls(config)
+        model.model = ref
+        return model.eval()
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the config and the reference model with transformers' Auto classes (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    AutoConfig.register(MODEL_TYPE, CognicaPoEConfig, exist_ok=True)
+    AutoModelForCausalLM.register(CognicaPoEConfig, CognicaPoEForCausalLM, exist_ok=True)
+    _registered = True
+
+
+__all__ = ["ARCHITECTURE", "CognicaPoEConfig", "CognicaPoEForCausalLM", "cognica_config", "register"]

@@ -1,0 +1,117 @@
+"""Every formula of the architecture that is not an engine building block, written once.
+
+The reference model and both engine plugins call these; nothing here knows about an engine.
+Shapes: `x` is [..., n_embd]; heads are [..., n_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cognica.config import (
+    LOGIT_SOFTCAP,
+    QK_NORM_SCALE,
+    ROPE_BASE,
+    SMEAR_CHANNELS,
+    VE_GATE_CHANNELS,
+    VE_GATE_SCALE,
+)
+
+FP32_EPS = torch.finfo(torch.float32).eps  # nanochat's F.rms_norm default: opmath (fp32) epsilon, any dtype
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMS norm with no learned weight (nanochat `norm`)."""
+    return F.rms_norm(x, (x.size(-1),), eps=FP32_EPS)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [*positions.shape, head_dim // 2], computed in fp32 and cast like nanochat
+    (it keeps them in the compute dtype, so a bf16 run rotates with bf16 cos/sin)."""
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+    inv_freq = 1.0 / (ROPE_BASE ** (channels / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary with nanochat's sign (a rotation by -theta, the opposite of neox):
+    y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos. `cos`/`sin` broadcast over the head axis."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def swap_rotary_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Permute the output rows of c_q / c_k so every head comes out with its halves swapped.
+
+    nanochat_rope(x) == swap(neox_rope(swap(x))), and q.k and the per-head rms norm are invariant
+    under the same permutation of q and k, so a model whose c_q/c_k rows are swapped can use an
+    engine's stock neox rotary at zero runtime cost. Only q and k are permuted; v is untouched.
+    """
+    out_features = w.shape[0]
+    h = w.view(out_features // head_dim, 2, head_dim // 2, *w.shape[1:])
+    return h.flip(1).reshape(w.shape)
+
+
+def qk_norm(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head QK rms norm after rotary, times 1.2 each (nanochat)."""
+    return norm(q) * QK_NORM_SCALE, norm(k) * QK_NORM_SCALE
+
+
+def smear_gate_input(x: torch.Tensor) -> torch.Tensor:
+    """The channels of the CURRENT token's normed embedding the smear gate reads."""
+    return x[..., :SMEAR_CHANNELS]
+
+
+def smear(
+    x: torch.Tensor, x_prev: torch.Tensor, gate_weight: torch.Tensor, smear_lambda: torch.Tensor,
+    has_prev: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x[t] += smear_lambda * sigmoid(smear_gate(x[t][:24])) * x[t-1].
+
+    `x_prev` is the previous token's normed (pre-smear) embedding of the same sequence. `has_prev`
+    (bool or 0/1, shape [..., 1]) zeroes the mix where there is no previous token (position 0).
+    """
+    gate = smear_lambda.to(x.dtype) * torch.sigmoid(F.linear(smear_gate_input(x), gate_weight.to(x.dtype)))
+    if has_prev is not None:
+        gate = gate * has_prev.to(x.dtype)
+    return x + gate * x_prev
+
+
+def add_value_embedding(
+    v: torch.Tensor, h: torch.Tensor, ve: torch.Tensor, ve_gate_weight: torch.Tensor, n_kv_head: int
+) -> torch.Tensor:
+    """v + 3 * sigmoid(ve_gate(h[..., :12])) * ve, one gate per KV head.
+
+    `v`, `ve`: [..., n_kv_head * head_dim] (flat); `h` is the block's normed input.
+    `ve_gate_weight` is [n_kv_head, 12] (or a tensor-parallel shard of its rows).
+    """
+    gate = VE_GATE_SCALE * torch.sigmoid(F.linear(h[..., :VE_GATE_CHANNELS], ve_gate_weight.to(h.dtype)))
+    shape = v.shape
+    v = v.view(*shape[:-1], n_kv_head, -1) + gate.unsqueeze(-1) * ve.view(*shape[:-1], n_kv_head, -1).to(v.dtype)
+    return v.view(shape)
+
+
+def mix_residual(
+    x: torch.Tensor, x0: torch.Tensor, resid_lambda: torch.Tensor, x0_lambda: torch.Tensor
+) -> torch.Tensor:
+    """x = resid_lambdas[i] * x + x0_lambdas[i] * x0 at the top of every block."""
+    return resid_lambda.to(x.dtype) * x + x0_lambda.to(x.dtype) * x0
+
+
+def backout(x: torch.Tensor, x_backout: torch.Tensor, backout_lambda: torch.Tensor) -> torch.Tensor:
+    """Subtract the mid-network residual before the final norm: x - backout_lambda * x_backout."""
+    return x - backout_lambda.to(x.dtype) * x_backout
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2, the MLP activation (no gate)."""
+    return F.relu(x).square()
+
+
+def softcap(logits: torch.Tensor, cap: float = LOGIT_SOFTCAP) -> torch.Tensor:
+    """15 * tanh(logits / 15) in fp32."""
+    logits = logits.float()
+    return cap * torch.tanh(logits / cap)

@@ -1,0 +1,211 @@
+"""The pure-torch reference Cognica model: the oracle of every engine test.
+
+nanochat GPT as of a825e63 (see shared/spec/model.md). Notable, in forward order:
+- the token embedding is rms-normed (no learned weight anywhere, eps = fp32 epsilon);
+- smear: x[t] += smear_lambda * sigmoid(smear_gate(x[t][:24])) * x[t-1], same sequence, t >= 1;
+- x0 residual: every block starts with x = resid_lambdas[i] * x + x0_lambdas[i] * x0;
+- value embeddings on alternating layers (the last included): v += 3 sigmoid(ve_gate(h[:12])) * ve[ids];
+- half-split rotary by -theta (nanochat sign), base 100000, then per-head QK rms norm x 1.2;
+- causal attention with a per-layer window (a query sees itself and `window_left` keys before it);
+- relu^2 MLP, no gate, no biases;
+- backout: x -= backout_lambda * (residual after block n_layer // 2) before the final norm;
+- untied lm_head, logits soft-capped at 15 in fp32.
+Parameter names are nanochat's, so a canonical state dict loads as is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cognica import layers
+from cognica.checkpoint import open_checkpoint, padded_vocab
+from cognica.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values [B, H_kv, T, D] plus the smear state: the last token's normed embedding."""
+
+    k: list[torch.Tensor | None]
+    v: list[torch.Tensor | None]
+    pos: int = 0
+    prev_embedding: torch.Tensor | None = field(default=None)
+
+    @classmethod
+    def empty(cls, n_layer: int) -> KVCache:
+        return cls([None] * n_layer, [None] * n_layer)
+
+
+class CognicaAttention(nn.Module):
+    def __init__(self, cfg: CognicaConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.window_left = cfg.window_left[layer_idx]
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.c_k = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, cfg.n_kv_head, bias=False) if layer_idx in cfg.ve_layers else None
+
+    def forward(self, h, ve, cos, sin, cache: KVCache | None, layer_idx: int):
+        B, T, _ = h.shape
+        q = self.c_q(h).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(h).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(h)
+        if ve is not None:
+            v = layers.add_value_embedding(v, h, ve, self.ve_gate.weight, self.n_kv_head)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+        q, k = layers.qk_norm(q, k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            if cache.k[layer_idx] is not None:
+                k = torch.cat([cache.k[layer_idx], k], dim=2)
+                v = torch.cat([cache.v[layer_idx], v], dim=2)
+            cache.k[layer_idx], cache.v[layer_idx] = k, v
+        t = torch.arange(start, start + T, device=h.device)[:, None]
+        s = torch.arange(k.shape[2], device=h.device)[None, :]
+        mask = (s <= t) & (t - s <= self.window_left)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_head != self.n_kv_head
+        )
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class CognicaMLP(nn.Module):
+    def __init__(self, cfg: CognicaConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(layers.relu2(self.c_fc(x)))
+
+
+class CognicaBlock(nn.Module):
+    def __init__(self, cfg: CognicaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn = CognicaAttention(cfg, layer_idx)
+        self.mlp = CognicaMLP(cfg)
+
+    def forward(self, x, ve, cos, sin, cache):
+        x = x + self.attn(layers.norm(x), ve, cos, sin, cache, self.layer_idx)
+        return x + self.mlp(layers.norm(x))
+
+
+class CognicaGPT(nn.Module):
+    def __init__(self, cfg: CognicaConfig):
+        super().__init__()
+        self.config = cfg
+        v = padded_vocab(cfg)
+        self.transformer = nn.ModuleDict(
+            {"wte": nn.Embedding(v, cfg.n_embd), "h": nn.ModuleList(CognicaBlock(cfg, i) for i in range(cfg.n_layer))}
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, v, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(cfg.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(cfg.n_layer))
+        self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(v, cfg.kv_dim) for i in cfg.ve_layers})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx [B, T] -> fp32 soft-capped logits [B, T, vocab_size]. With a cache, idx continues it."""
+        cfg = self.config
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        assert start + T <= 10 * cfg.sequence_len, f"sequence ({start + T}) outgrew the rotary range"
+        cos, sin = layers.rotary_cos_sin(torch.arange(start, start + T, device=idx.device), cfg.head_dim, self.dtype)
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+
+        x = layers.norm(self.transformer.wte(idx).to(self.dtype))
+        # smear: mix in the previous token's normed embedding; position 0 of a sequence has none
+        prev = x.new_zeros(B, 1, cfg.n_embd) if cache is None or cache.prev_embedding is None else cache.prev_embedding
+        has_prev = (torch.arange(start, start + T, device=idx.device) > 0)[None, :, None]
+        x_prev = torch.cat([prev, x[:, :-1]], dim=1)
+        if cache is not None:
+            cache.prev_embedding = x[:, -1:]
+        x = layers.smear(x, x_prev, self.smear_gate.weight, self.smear_lambda, has_prev)
+
+        x0, x_backout = x, None
+        for i, block in enumerate(self.transformer.h):
+            x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, cache)
+            if i == cfg.backout_layer:
+                x_backout = x
+        if x_backout is not None:
+            x = layers.backout(x, x_backout, self.backout_lambda)
+        x = layers.norm(x)
+        logits = self.lm_head(x)[..., : cfg.vocab_size]
+        if cache is not None:
+            cache.pos += T
+        return layers.softcap(logits)
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+        seed: int = 0, stop_ids: tuple[int, ...] = (),
+    ) -> list[list[int]]:
+        """KV-cache generation. Prompts of equal length run as one batch; others one by one."""
+        if len({len(p) for p in prompts}) > 1:
+            return [self.generate([p], max_new_tokens, temperature, top_k, seed, stop_ids)[0] for p in prompts]
+        if not prompts or not prompts[0]:
+            raise ValueError("generate needs at least one non-empty prompt")
+        device = self.lm_head.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        cache = KVCache.empty(self.config.n_layer)
+        logits = self(torch.tensor(prompts, device=device), cache)[:, -1]
+        out: list[list[int]] = [[] for _ in prompts]
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, gen)
+            for b, tok in enumerate(nxt.tolist()):
+                if not done[b]:
+                    out[b].append(tok)
+            done |= torch.isin(nxt, torch.tensor(stop_ids, device=device, dtype=nxt.dtype))
+            if bool(done.all()) or len(out[0]) == max_new_tokens:
+                break
+            logits = self(nxt[:, None], cache)[:, -1]
+        return out
+
+    @torch.inference_mode()
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t >= 1 from one full-sequence forward."""
+        x = torch.tensor([ids], device=self.lm_head.weight.device)
+        lp = torch.log_softmax(self(x)[0, :-1], dim=-1)
+        return lp.gather(1, x[0, 1:, None])[:, 0].tolist()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+
+
+def load_reference(
+    model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = False
+) -> CognicaGPT:
+    """Validate a checkpoint directory and load it into the reference model in `dtype`."""
+    ckpt = open_checkpoint(model_dir)
+    with torch.device("meta"):
+        model = CognicaGPT(ckpt.config)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_state_dict(ckpt.state_dict(dtype=dtype, progress=progress), strict=True)
+    return model.eval()

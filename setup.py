@@ -1,0 +1,33 @@
+"""One distribution: the engine-free core, both engine plugins and the Triton kernels.
+
+No engine is an install requirement: vLLM (CPU or CUDA build) and SGLang pin clashing torch
+versions, so `scripts/setup_venvs.sh` installs each into its own virtualenv and installs this
+package beside it. The extras only document which engine build a venv needs.
+"""
+
+from setuptools import setup
+
+setup(
+    name="cognica-serve",
+    version="0.1.0",
+    description="vLLM and SGLang plugins for Cognica-BP/PoE-v1.0-1.3B-base (nanochat architecture)",
+    python_requires=">=3.10",
+    packages=["cognica", "cognica_vllm", "cognica_sglang", "cognica_kernels"],
+    package_dir={"cognica_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "tiktoken>=0.7",
+        "tokenizers>=0.19",
+        "transformers>=4.45",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "ruff", "requests"],
+    },
+    entry_points={
+        "console_scripts": ["cognica=cognica.cli:main"],
+        "vllm.general_plugins": ["cognica=cognica_vllm:register"],
+        "sglang.srt.plugins": ["cognica=cognica_sglang:register"],
+    },
+)
