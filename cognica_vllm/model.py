@@ -1,0 +1,282 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Cognica-BP/PoE-v1.0-1.3B-base (nanochat GPT) on vLLM's paged KV cache.
+
+Laid out like vLLM's gemma2.py; the math is `cognica.layers` (shared with the reference and SGLang).
+What is not a Llama here: smear (previous token of the same sequence, see `cognica_vllm.smear`),
+x0/resid lambdas, value embeddings with per-KV-head gates, nanochat's rotary sign (folded into
+the c_q/c_k rows at load time so vLLM's neox rope is exact, see `layers.swap_rotary_halves`),
+QK rms-norm x1.2, per-layer windows (3 sliding, 1 full), backout, logit soft-cap 15.
+"""
+
+
+import os
+from collections.abc import Iterable
+from itertools import islice
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import extract_layer_index, make_layers, maybe_prefix
+from vllm.sequence import IntermediateTensors
+
+from cognica import layers
+from cognica.checkpoint import CheckpointError, canonical_name, expected_tensors, open_checkpoint, padded_vocab
+from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
+from cognica.hf import cognica_config
+from cognica_vllm.smear import SmearState, smear_prev_ids
+
+logger = init_logger(__name__)
+
+# (fused param, nanochat name, shard id): the only renames; everything else keeps nanochat's name
+STACKED_PARAMS = [("qkv_proj", "c_q", "q"), ("qkv_proj", "c_k", "k"), ("qkv_proj", "c_v", "v")]
+
+
+def mlp_activation():
+    """relu^2: the cognica_kernels Triton kernel on CUDA (COGNICA_KERNELS=triton, the default there),
+    plain torch elsewhere or with COGNICA_KERNELS=engine."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda_alike() and os.environ.get("COGNICA_KERNELS", "triton") == "triton":
+        from cognica_kernels.relu2 import relu2
+
+        return relu2
+    return layers.relu2
+
+
+def local_kv_heads(n_kv_head: int) -> tuple[int, int]:
+    """[first, last) KV heads this tensor-parallel rank holds, as QKVParallelLinear shards them
+    (partitioned when n_kv_head >= tp, replicated otherwise)."""
+    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    if n_kv_head >= tp:
+        per = n_kv_head // tp
+        return rank * per, (rank + 1) * per
+    first = rank // (tp // n_kv_head)
+    return first, first + 1
+
+
+class CognicaMLP(nn.Module):
+    def __init__(self, cfg: CognicaConfig, quant_config: QuantizationConfig | None, prefix: str = ""):
+        super().__init__()
+        self.c_fc = ColumnParallelLinear(cfg.n_embd, cfg.mlp_hidden, bias=False, quant_config=quant_config,
+                                         prefix=f"{prefix}.c_fc")
+        self.c_proj = RowParallelLinear(cfg.mlp_hidden, cfg.n_embd, bias=False, quant_config=quant_config,
+                                        prefix=f"{prefix}.c_proj")
+        self.act = mlp_activation()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.c_fc(x)
+        out, _ = self.c_proj(self.act(h))
+        return out
+
+
+class CognicaAttention(nn.Module):
+    def __init__(self, cfg: CognicaConfig, max_model_len: int, cache_config: CacheConfig | None,
+                 quant_config: QuantizationConfig | None, prefix: str = ""):
+        super().__init__()
+        layer_idx = extract_layer_index(prefix)
+        tp = get_tensor_model_parallel_world_size()
+        assert cfg.n_head % tp == 0, f"{cfg.n_head} query heads do not split over tensor-parallel size {tp}"
+        self.head_dim = cfg.head_dim
+        self.num_heads = cfg.n_head // tp
+        self.kv_first, kv_last = local_kv_heads(cfg.n_kv_head)
+        self.num_kv_heads = kv_last - self.kv_first
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head, bias=False,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.c_proj = RowParallelLinear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False, quant_config=quant_config,
+                                        prefix=f"{prefix}.c_proj")
+        self.has_ve = layer_idx in cfg.ve_layers
+        if self.has_ve:  # [n_kv_head, 12], full; this rank uses its KV heads' rows
+            self.ve_gate = nn.Parameter(torch.empty(cfg.n_kv_head, VE_GATE_CHANNELS), requires_grad=False)
+        # nanochat's rotary sign is folded into c_q/c_k at load time, so the stock neox rope is exact
+        self.rotary_emb = get_rope(cfg.head_dim, max_position=max(max_model_len, cfg.sequence_len),
+                                   is_neox_style=True, rope_parameters={"rope_theta": ROPE_BASE})
+        # vLLM counts the query in the window: keys = window_left + 1. An L layer is full attention
+        # until the context outgrows its window (only past sequence_len + 1 tokens).
+        keys = cfg.window_keys[layer_idx]
+        window = keys if keys < max_model_len else None
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+                              cache_config=cache_config, quant_config=quant_config,
+                              per_layer_sliding_window=window, prefix=f"{prefix}.attn")
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(h)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if ve is not None:
+            gate_w = self.ve_gate[self.kv_first:self.kv_first + self.num_kv_heads]
+            v = layers.add_value_embedding(v, h, ve, gate_w, self.num_kv_heads)
+        q, k = self.rotary_emb(positions, q, k)
+        q, k = layers.qk_norm(q.unflatten(-1, (-1, self.head_dim)), k.unflatten(-1, (-1, self.head_dim)))
+        out = self.attn(q.flatten(-2), k.flatten(-2), v)
+        out, _ = self.c_proj(out)
+        return out
+
+
+class CognicaDecoderLayer(nn.Module):
+    def __init__(self, cfg: CognicaConfig, max_model_len: int, cache_config: CacheConfig | None,
+                 quant_config: QuantizationConfig | None, prefix: str = ""):
+        super().__init__()
+        self.attn = CognicaAttention(cfg, max_model_len, cache_config, quant_config, prefix=f"{prefix}.attn")
+        self.mlp = CognicaMLP(cfg, quant_config, prefix=f"{prefix}.mlp")
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(positions, layers.norm(x), ve)
+        return x + self.mlp(layers.norm(x))
+
+
+@support_torch_compile
+class CognicaModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        cfg = cognica_config(vllm_config.model_config.hf_config)
+        self.config = cfg
+        max_len = vllm_config.model_config.max_model_len
+        vocab = padded_vocab(cfg)
+        self.wte = VocabParallelEmbedding(vocab, cfg.n_embd, prefix=f"{prefix}.wte")
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            cfg.n_layer,
+            lambda prefix: CognicaDecoderLayer(cfg, max_len, vllm_config.cache_config, vllm_config.quant_config,
+                                               prefix=prefix),
+            prefix=f"{prefix}.layers",
+        )
+        local = range(self.start_layer, self.end_layer)
+        self.value_embeds = nn.ModuleDict(
+            {str(i): VocabParallelEmbedding(vocab, cfg.kv_dim, prefix=f"{prefix}.value_embeds.{i}")
+             for i in cfg.ve_layers if i in local}
+        )
+        self.kv_first, kv_last = local_kv_heads(cfg.n_kv_head)
+        self.kv_slice = slice(self.kv_first * cfg.head_dim, kv_last * cfg.head_dim)
+        self.resid_lambdas = nn.Parameter(torch.empty(cfg.n_layer), requires_grad=False)
+        self.x0_lambdas = nn.Parameter(torch.empty(cfg.n_layer), requires_grad=False)
+        self.smear_gate = nn.Parameter(torch.empty(1, SMEAR_CHANNELS), requires_grad=False)
+        self.smear_lambda = nn.Parameter(torch.empty(1), requires_grad=False)
+        self.backout_lambda = nn.Parameter(torch.empty(1), requires_grad=False)
+        if get_pp_group().is_first_rank:
+            # smear reads the previous token id through the KV slots of a full-attention layer
+            full = [i for i in local if not cfg.is_sliding[i]]
+            if not full:
+                raise ValueError("pipeline split leaves the first rank without a full-attention layer; smear "
+                                 "needs one (use fewer pipeline stages)")
+            self.smear_state = SmearState(vllm_config, f"{prefix}.layers.{full[0]}.attn.attn", prefix=f"{prefix}.smear")
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return layers.norm(self.wte(input_ids))
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
+        cfg = self.config
+        if get_pp_group().is_first_rank:
+            assert input_ids is not None, "Cognica needs token ids (smear and value embeddings read them)"
+            x = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+            prev = smear_prev_ids(input_ids, positions, self.smear_state.name)
+            x_prev = self.embed_input_ids(prev.clamp(min=0))
+            x = layers.smear(x, x_prev, self.smear_gate, self.smear_lambda, (prev >= 0).unsqueeze(-1))
+            x0, x_backout = x, torch.zeros_like(x)
+        else:
+            assert intermediate_tensors is not None
+            x, x0 = intermediate_tensors["hidden_states"], intermediate_tensors["x0"]
+            x_backout = intermediate_tensors["x_backout"]
+        for i, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer):
+            x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
+            ve = self.value_embeds[str(i)](input_ids)[..., self.kv_slice] if str(i) in self.value_embeds else None
+            x = layer(positions, x, ve)
+            if i == cfg.backout_layer:
+                x_backout = x
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": x, "x0": x0, "x_backout": x_backout})
+        return layers.norm(layers.backout(x, x_backout, self.backout_lambda))
+
+
+class CognicaPoEForCausalLM(nn.Module, SupportsPP):
+    packed_modules_mapping = {"qkv_proj": ["c_q", "c_k", "c_v"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        model_path = vllm_config.model_config.model
+        if os.path.isdir(model_path):
+            open_checkpoint(model_path)  # names, shapes, dtypes, files: fail before any allocation
+        cfg = cognica_config(vllm_config.model_config.hf_config)
+        self.config = cfg
+        self.model = CognicaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(padded_vocab(cfg), cfg.n_embd, quant_config=vllm_config.quant_config,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
+        self.logits_processor = LogitsProcessor(cfg.vocab_size, soft_cap=LOGIT_SOFTCAP)
+
+    def make_empty_intermediate_tensors(self, batch_size: int, dtype: torch.dtype,
+                                        device: torch.device) -> IntermediateTensors:
+        return IntermediateTensors({k: torch.zeros(batch_size, self.config.n_embd, dtype=dtype, device=device)
+                                    for k in ("hidden_states", "x0", "x_backout")})
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        cfg = self.config
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        seen: set[str] = set()
+        expected = expected_tensors(cfg)
+        for stored_name, tensor in weights:
+            name = canonical_name(stored_name)
+            if name not in expected:
+                continue  # open_checkpoint already refused unknown tensors; skip known-ignorable buffers
+            seen.add(name)
+            if name.endswith(("attn.c_q.weight", "attn.c_k.weight")):
+                tensor = layers.swap_rotary_halves(tensor, cfg.head_dim)
+            target = vllm_name(name)
+            for fused, part, shard in STACKED_PARAMS:
+                if f".attn.{part}." in name:
+                    target = target.replace(f".attn.{part}.", f".attn.{fused}.")
+                    if target in params:
+                        params[target].weight_loader(params[target], tensor, shard)
+                        loaded.add(target)
+                    break
+            else:
+                if target not in params:
+                    continue  # another pipeline stage owns it
+                param = params[target]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                loaded.add(target)
+        missing = [n for n in expected if n not in seen]
+        if missing:
+            raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
+        return loaded
+
+
+def vllm_name(name: str) -> str:
+    """nanochat canonical name -> this module's parameter name (before the QKV fusion)."""
+    if name == "lm_head.weight":
+        return name
+    name = name.replace("transformer.h.", "layers.", 1).replace("transformer.wte.", "wte.", 1)
+    if name.endswith(("ve_gate.weight", "smear_gate.weight")):
+        name = name[: -len(".weight")]  # plain parameters here, not nn.Linear
+    return f"model.{name}"
+
+
+class CognicaForCausalLM(CognicaPoEForCausalLM):
+    """Alias: the same model under another architecture spelling."""
