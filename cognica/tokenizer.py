@@ -1,0 +1,442 @@
+"""The nanochat tokenizer: a pickled tiktoken `Encoding`, loaded safely and converted to a HF fast tokenizer.
+
+Notable:
+- `tokenizer.pkl` is `pickle.dump(tiktoken.Encoding)`. Its only global is `tiktoken.core.Encoding` (the
+  state is a plain dict), so `load_tiktoken_pickle` admits that one name, maps it to an inert stand-in,
+  validates the recorded state and builds the `Encoding` itself. Any other global is refused before it runs.
+- tiktoken encodes a pre-token whole when it is in the vocab and otherwise merges the adjacent pair whose
+  concatenation has the lowest rank. The HF equivalent is a byte-level BPE with `ignore_merges=True` and one
+  merge per way of splitting each token into two tokens of lower rank, ordered by the token's rank.
+- Every document starts with `<|bos|>`. The tokenizer.json post-processor prepends it (any stock consumer
+  gets it); `CognicaTokenizerFast` additionally drops a leading literal "<|bos|>" from the text before the
+  post-processor adds one, so an explicit BOS is never doubled. eos is `<|bos|>` too: nanochat trains base
+  models on documents delimited by BOS only, so a finished document is followed by `<|bos|>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+logger = logging.getLogger(__name__)
+
+# nanochat a825e63 nanochat/tokenizer.py: GPT-4's split with \p{N}{1,2} instead of \p{N}{1,3}.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKENS = (
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+)
+BOS = "<|bos|>"
+N_RANKS = 32759  # 256 raw bytes + 32503 merges; specials follow at 32759..32767
+VOCAB_SIZE = N_RANKS + len(SPECIAL_TOKENS)
+ENCODING_NAME = "rustbpe"  # what nanochat's RustBPETokenizer names its Encoding
+HF_TOKENIZER_CLASS = "CognicaTokenizerFast"
+_FACTORY_VERSION = "1"  # bump when the factory's corpus or algorithm changes: it keys the cache
+_FACTORY_CORPUS_BYTES = 24 << 20  # ~8 s of BpeTrainer on 2 cores, and yields >35k merges
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing, malformed or refused."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Restricted unpickling
+
+
+class _EncodingState:
+    """Inert stand-in for `tiktoken.core.Encoding` while unpickling: it records the state and runs nothing."""
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+_ALLOWED_GLOBALS = {("tiktoken.core", "Encoding"), ("tiktoken", "Encoding")}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _EncodingState
+        raise TokenizerError(
+            f"refusing to unpickle global '{module}.{name}': a tokenizer pickle may only reference "
+            "tiktoken.core.Encoding"
+        )
+
+
+def _encoding_from_state(state: object, where: str) -> tiktoken.Encoding:
+    if isinstance(state, str):
+        raise TokenizerError(f"{where}: pickle names the registered tiktoken encoding {state!r}, not a vocab")
+    keys = {"name", "pat_str", "mergeable_ranks", "special_tokens"}
+    if not isinstance(state, dict) or set(state) != keys:
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise TokenizerError(f"{where}: Encoding state must be a dict with keys {sorted(keys)}, got {got}")
+    name, pat_str, ranks, specials = (state[k] for k in ("name", "pat_str", "mergeable_ranks", "special_tokens"))
+    if not isinstance(name, str) or not isinstance(pat_str, str):
+        raise TokenizerError(f"{where}: Encoding name and pat_str must be str")
+    if not isinstance(ranks, dict) or not all(
+        type(k) is bytes and type(v) is int for k, v in ranks.items()
+    ):
+        raise TokenizerError(f"{where}: mergeable_ranks must be dict[bytes, int]")
+    if not isinstance(specials, dict) or not all(
+        type(k) is str and type(v) is int for k, v in specials.items()
+    ):
+        raise TokenizerError(f"{where}: special_tokens must be dict[str, int]")
+    try:
+        return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
+    except Exception as e:  # tiktoken raises ValueError/AssertionError on bad regexes or ranks
+        raise TokenizerError(f"{where}: tiktoken rejected the recorded Encoding: {e}") from e
+
+
+def load_tiktoken_pickle(path: str | os.PathLike) -> tiktoken.Encoding:
+    """Load a pickled `tiktoken.Encoding` (nanochat's tokenizer.pkl) without running code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer pickle not found: {path}")
+    with open(path, "rb") as f:
+        try:
+            obj = _RestrictedUnpickler(f).load()
+        except TokenizerError:
+            raise
+        except Exception as e:  # truncated or corrupt streams raise EOFError, UnpicklingError, TypeError, ...
+            raise TokenizerError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
+        if f.read(1):
+            raise TokenizerError(f"{path}: trailing bytes after the pickle")
+    if not isinstance(obj, _EncodingState) or not hasattr(obj, "state"):
+        raise TokenizerError(f"{path}: expected a pickled tiktoken.Encoding, got {type(obj).__name__}")
+    return _encoding_from_state(obj.state, str(path))
+
+
+def make_encoding(mergeable_ranks: dict[bytes, int], name: str = ENCODING_NAME) -> tiktoken.Encoding:
+    """An Encoding shaped like nanochat's: the given ranks, nanochat's split and its 9 specials after them."""
+    specials = {s: len(mergeable_ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=mergeable_ranks,
+                             special_tokens=specials)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BPE helpers shared by the factory and the converter
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """tiktoken's merge loop on `token` using only ranks below `max_rank`."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best_rank, best_i = max_rank, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < best_rank:
+                best_rank, best_i = r, i
+        if best_i < 0:
+            break
+        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-ins for bytes, used by HF ByteLevel."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    extra = (b for b in range(256) if b not in keep)
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(256 + n) for n, b in enumerate(extra)})
+    return table
+
+
+def _to_unicode(token: bytes) -> str:
+    table = _byte_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+def _from_unicode(text: str) -> bytes:
+    inverse = {c: b for b, c in _byte_to_unicode().items()}
+    return bytes(inverse[c] for c in text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Factory encoding: a stand-in for the real tokenizer.pkl, trained on text found on this machine
+
+
+def _corpus_files(seed: int) -> list[Path]:
+    """Deterministic: the stdlib's .py/.txt files and /usr/share/common-licenses, sorted, seeded shuffle."""
+    roots = [Path(sysconfig.get_paths()["stdlib"]), Path("/usr/share/common-licenses")]
+    files: list[Path] = []
+    for root in roots:
+        for d, dirs, names in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__"))
+            files += [Path(d) / n for n in sorted(names) if root.name == "common-licenses" or
+                      n.endswith((".py", ".txt"))]
+    files.sort()
+    random.Random(seed).shuffle(files)
+    return files
+
+
+def _read_corpus(files: list[Path]) -> tuple[list[str], list[str]]:
+    texts, used, total = [], [], 0
+    for p in files:
+        if total >= _FACTORY_CORPUS_BYTES:
+            break
+        try:
+            data = p.read_bytes()
+            texts.append(data.decode("utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue
+        used.append(f"{p}:{len(data)}")
+        total += len(data)
+    return texts, used
+
+
+def _train_ranks(texts: list[str], seed: int) -> dict[bytes, int]:
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    # Ask for spare merges: a few may be unreachable under tiktoken's rank rule and are dropped below.
+    trainer = trainers.BpeTrainer(vocab_size=N_RANKS + 2000, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+
+    ranks = {bytes([i]): i for i in range(256)}
+    dropped = 0
+    for a, b in (m.split(" ", 1) if isinstance(m, str) else m for m in merges):
+        if len(ranks) == N_RANKS:
+            break
+        token = _from_unicode(a) + _from_unicode(b)
+        if token in ranks:
+            continue
+        # tiktoken can only produce a token whose bytes BPE-merge into exactly two lower-ranked tokens
+        if len(_bpe_parts(ranks, token, len(ranks))) == 2:
+            ranks[token] = len(ranks)
+        else:
+            dropped += 1
+    if dropped:
+        logger.info("factory tokenizer: dropped %d trained merges unreachable under tiktoken's rule", dropped)
+    if len(ranks) < N_RANKS:
+        missing = N_RANKS - len(ranks)
+        logger.warning("factory tokenizer: corpus gave %d merges; filling %d with seeded random pairs",
+                       len(ranks) - 256, missing)
+        rng, pool = random.Random(seed), list(ranks)
+        while len(ranks) < N_RANKS:
+            token = rng.choice(pool) + rng.choice(pool)
+            if token not in ranks and len(_bpe_parts(ranks, token, len(ranks))) == 2:
+                ranks[token] = len(ranks)
+                pool.append(token)
+    return ranks
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("COGNICA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cognica")
+    return Path(base)
+
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    ranks = {}
+    for line in path.read_text().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@functools.lru_cache(maxsize=4)
+def train_factory_encoding(seed: int = 0) -> tiktoken.Encoding:
+    """An Encoding shaped exactly like nanochat's tokenizer.pkl (32759 ranks + 9 specials), merges trained
+    offline on local text. Cached on disk (tiktoken ranks format) keyed by the corpus, seed and version."""
+    texts, used = _read_corpus(_corpus_files(seed))
+    key = json.dumps([_FACTORY_VERSION, seed, _FACTORY_CORPUS_BYTES, used])
+    path = _cache_dir() / f"factory-{hashlib.sha256(key.encode()).hexdigest()[:16]}.tiktoken"
+    if path.is_file():
+        ranks = _read_ranks(path)
+    else:
+        logger.info("training the factory tokenizer on %d local files (%d MiB)", len(texts),
+                    sum(map(len, texts)) >> 20)
+        ranks = _train_ranks(texts, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+        os.replace(tmp, path)
+    if len(ranks) != N_RANKS:
+        raise TokenizerError(f"{path}: expected {N_RANKS} ranks, found {len(ranks)}; delete the cache file")
+    return make_encoding(ranks)
+
+
+def write_token_bytes(enc: tiktoken.Encoding, path: str | os.PathLike) -> None:
+    """nanochat's token_bytes.pt: int32 [n_vocab], the byte length of each token, 0 for specials."""
+    import torch
+
+    specials = set(enc._special_tokens.values())
+    lengths = [0 if i in specials else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+    torch.save(torch.tensor(lengths, dtype=torch.int32), path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversion to a Hugging Face fast tokenizer
+
+
+def _vocab_and_merges(enc: tiktoken.Encoding) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    ranks = enc._mergeable_ranks
+    vocab = {_to_unicode(t): r for t, r in ranks.items()}
+    merges: list[tuple[int, int, int, str, str]] = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):  # every split tiktoken could merge, so HF sees the same pairs
+            left, right = ranks.get(token[:i]), ranks.get(token[i:])
+            if left is not None and right is not None and left < rank and right < rank:
+                merges.append((rank, left, right, _to_unicode(token[:i]), _to_unicode(token[i:])))
+    merges.sort()
+    return vocab, [(a, b) for *_, a, b in merges]
+
+
+def hf_tokenizer_json(enc: tiktoken.Encoding) -> str:
+    """The `tokenizer.json` of a HF fast tokenizer that gives tiktoken's ids, with a BOS post-processor."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab, merges = _vocab_and_merges(enc)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
+    for s, i in specials:
+        if tok.token_to_id(s) != i:
+            raise TokenizerError(f"special token {s} landed at id {tok.token_to_id(s)}, expected {i}")
+    bos = enc._special_tokens[BOS]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A:0", pair=f"{BOS} $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos)])
+    return tok.to_str(pretty=True)
+
+
+def _model_max_length(model_dir: Path) -> int:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return 2048
+    for k in ("sequence_len", "max_position_embeddings", "n_positions"):
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    return 2048
+
+
+def _write_keeping_original(path: Path, text: str) -> None:
+    """Write `text` to `path`; a different existing file is first kept as `<stem>.orig<suffix>` (once)."""
+    if path.is_file() and path.read_text(errors="replace") != text:
+        orig = path.with_name(f"{path.stem}.orig{path.suffix}")
+        if not orig.exists():
+            shutil.copy2(path, orig)
+            logger.info("kept the published %s as %s", path.name, orig.name)
+    path.write_text(text)
+
+
+def convert_tokenizer(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Convert `model_dir/tokenizer.pkl` (restricted unpickling) to tokenizer.json, tokenizer_config.json and
+    special_tokens_map.json in `out_dir` (default `model_dir`). Idempotent; returns the output directory."""
+    model_dir = Path(model_dir)
+    out = Path(out_dir) if out_dir is not None else model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    enc = load_tiktoken_pickle(model_dir / "tokenizer.pkl")
+    if BOS not in enc._special_tokens:
+        raise TokenizerError(f"{model_dir / 'tokenizer.pkl'}: no {BOS} special token")
+    special_map = {"bos_token": BOS, "eos_token": BOS}
+    # No add_bos_token: BOS lives in tokenizer.json's post-processor, and transformers 5 rebuilds the
+    # post-processor when the key is present. No auto_map: nothing runs remote code.
+    config = {
+        "tokenizer_class": HF_TOKENIZER_CLASS,
+        **special_map,
+        "clean_up_tokenization_spaces": False,  # decode must return exactly what tiktoken returns
+        "model_max_length": _model_max_length(model_dir),
+        "additional_special_tokens": [s for s in enc._special_tokens if s != BOS],
+    }
+    _write_keeping_original(out / "tokenizer.json", hf_tokenizer_json(enc))
+    _write_keeping_original(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    _write_keeping_original(out / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BOS: a PreTrainedTokenizerFast that never doubles an explicit leading <|bos|>
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_class() -> type:
+    from transformers import PreTrainedTokenizerFast
+
+    def strip_bos(self: Any, text: Any, add_special_tokens: bool, kwargs: dict[str, Any]) -> Any:
+        split = kwargs.get("split_special_tokens")
+        split = getattr(self, "split_special_tokens", False) if split is None else split
+        if not add_special_tokens or split or kwargs.get("is_split_into_words"):
+            return text
+        bos_id = self.convert_tokens_to_ids(BOS)
+        if self._tokenizer.encode("", add_special_tokens=True).ids[:1] != [bos_id]:
+            return text  # the post-processor does not add BOS (changed at runtime): keep the text's own
+        if isinstance(text, str):
+            return text[len(BOS) :] if text.startswith(BOS) else text
+        if isinstance(text, tuple) and text and isinstance(text[0], str):
+            return (strip_bos(self, text[0], True, kwargs), *text[1:])
+        if isinstance(text, list):
+            return [strip_bos(self, t, True, kwargs) for t in text]
+        return text
+
+    class CognicaTokenizerFast(PreTrainedTokenizerFast):
+        """PreTrainedTokenizerFast whose BOS post-processor skips texts that already start with <|bos|>."""
+
+    # transformers 4.x funnels every encode through _batch_encode_plus; 5.x through _encode_plus.
+    if hasattr(PreTrainedTokenizerFast, "_batch_encode_plus"):
+        def _batch_encode_plus(self, batch_text_or_text_pairs, add_special_tokens=True, *args, **kwargs):
+            batch = strip_bos(self, list(batch_text_or_text_pairs), add_special_tokens, kwargs)
+            return super(CognicaTokenizerFast, self)._batch_encode_plus(batch, add_special_tokens, *args, **kwargs)
+
+        CognicaTokenizerFast._batch_encode_plus = _batch_encode_plus
+    else:
+        def _encode_plus(self, text, text_pair=None, add_special_tokens=True, *args, **kwargs):
+            text = strip_bos(self, text, add_special_tokens, kwargs)
+            return super(CognicaTokenizerFast, self)._encode_plus(text, text_pair, add_special_tokens, *args,
+                                                                  **kwargs)
+
+        CognicaTokenizerFast._encode_plus = _encode_plus
+    CognicaTokenizerFast.__module__ = __name__
+    CognicaTokenizerFast.__qualname__ = HF_TOKENIZER_CLASS
+    return CognicaTokenizerFast
+
+
+def __getattr__(name: str) -> Any:
+    if name == HF_TOKENIZER_CLASS:  # built lazily so importing cognica does not import transformers
+        return _tokenizer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _CognicaTokenizerKey:
+    """Key for AutoTokenizer's mapping when no config class is given; lookups go by class name."""
+
+
+def register_tokenizer(config_class: type | None = None) -> None:
+    """Make `AutoTokenizer` resolve tokenizer_class "CognicaTokenizerFast" (idempotent, no remote code)."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.register(config_class or _CognicaTokenizerKey, fast_tokenizer_class=_tokenizer_class(),
+                           exist_ok=True)
