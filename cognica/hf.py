@@ -117,12 +117,16 @@ _registered = False
 
 
 def register() -> None:
-    """Register the config and the reference model with transformers' Auto classes (idempotent)."""
+    """Register the config, the reference model and the BOS-once tokenizer with transformers' Auto classes
+    (idempotent). Both engine plugins call this in every engine process."""
     global _registered
     if _registered:
         return
     AutoConfig.register(MODEL_TYPE, CognicaPoEConfig, exist_ok=True)
     AutoModelForCausalLM.register(CognicaPoEConfig, CognicaPoEForCausalLM, exist_ok=True)
+    from cognica.tokenizer import register_tokenizer
+
+    register_tokenizer(CognicaPoEConfig)
     _registered = True
 
 

@@ -1,0 +1,66 @@
+"""Test helpers shared by the engine suites: seeded prompts and parity checks against the reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cognica.model import CognicaGPT
+
+SEED = 1234
+FP32_LOGPROB_ATOL = 1e-3  # engine in float32 vs the fp32 reference: same math, different kernels
+
+
+def random_prompts(lengths: list[int], seed: int = SEED, vocab: int = 32000) -> list[list[int]]:
+    """Token-id prompts (no specials) of the given lengths, reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@dataclass
+class Teacher:
+    """The fp32 reference's view of prompt + generated tokens, computed in one full forward."""
+
+    greedy: list[int]  # the reference's argmax at each generated position
+    logprobs: list[float]  # log p(generated token) under the reference
+    margins: list[float]  # logprob gap between the reference's top token and the generated one
+
+
+@torch.inference_mode()
+def teacher_force(ref: CognicaGPT, prompt: list[int], generated: list[int]) -> Teacher:
+    ids = torch.tensor([prompt + generated])
+    lp = torch.log_softmax(ref(ids)[0, len(prompt) - 1 : -1].float(), dim=-1)
+    gen = torch.tensor(generated)
+    chosen = lp.gather(1, gen[:, None])[:, 0]
+    top = lp.max(dim=-1)
+    return Teacher(top.indices.tolist(), chosen.tolist(), (top.values - chosen).tolist())
+
+
+def assert_fp32_parity(ref: CognicaGPT, prompt: list[int], tokens: list[int], logprobs: list[float], what: str) -> None:
+    """Greedy tokens identical to the reference's and per-token logprobs within 1e-3."""
+    t = teacher_force(ref, prompt, tokens)
+    assert tokens == t.greedy, f"{what}: engine greedy tokens diverge from the reference at step " \
+        f"{next(i for i, (a, b) in enumerate(zip(tokens, t.greedy)) if a != b)}"
+    worst = max(abs(a - b) for a, b in zip(logprobs, t.logprobs))
+    assert worst < FP32_LOGPROB_ATOL, f"{what}: logprob differs from the reference by {worst:.2e}"
+
+
+def bf16_tolerance(ref32: CognicaGPT, ref16: CognicaGPT, prompt: list[int], n: int) -> float:
+    """Calibrate: how far the reference itself moves a chosen token's logprob between fp32 and bf16 on this
+    prompt (its own bf16 greedy continuation, teacher-forced through both), times 3, floor 0.05."""
+    gen = ref16.generate([prompt], n)[0]
+    a = teacher_force(ref32, prompt, gen).logprobs
+    b = teacher_force(ref16, prompt, gen).logprobs
+    return max(0.05, 3 * max(abs(x - y) for x, y in zip(a, b)))
+
+
+def assert_bf16_close(ref32: CognicaGPT, prompt: list[int], tokens: list[int], logprobs: list[float], tol: float,
+                      what: str) -> None:
+    """bf16 engine vs fp32 reference: logprobs within the calibrated `tol`; a greedy token may differ from the
+    reference's argmax only where the reference's own top-2 margin is within `tol` (a near tie)."""
+    t = teacher_force(ref32, prompt, tokens)
+    worst = max(abs(a - b) for a, b in zip(logprobs, t.logprobs))
+    assert worst < tol, f"{what}: bf16 logprob off by {worst:.3f} (calibrated tolerance {tol:.3f})"
+    for i, (tok, best, margin) in enumerate(zip(tokens, t.greedy, t.margins)):
+        assert tok == best or margin < tol, f"{what}: step {i} picked {tok}, reference {best} by margin {margin:.3f}"
