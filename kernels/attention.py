@@ -1,0 +1,401 @@
+"""Sliding-window ("SSSL") causal attention over a paged KV cache: prefill, chunked prefill and decode.
+
+Layouts:
+- `q`: `[num_tokens, num_heads, head_dim]`, the new queries of every sequence concatenated; sequence b owns rows
+  `query_start_loc[b] : query_start_loc[b + 1]` (`query_start_loc` int32 `[batch + 1]`, cumulative, from 0).
+- `key_cache`, `value_cache`: each `[num_blocks, block_size, num_kv_heads, head_dim]` (vLLM's flash-attn layout
+  for one layer). Key position p of sequence b lives at `[block_table[b, p // block_size], p % block_size]`.
+- `block_table`: int32 `[batch, max_blocks_per_seq]`. Entries for blocks the sequence cannot see are never read.
+- `seq_lens`: `[batch]`, keys per sequence INCLUDING this step's new tokens, whose K/V are already in the cache.
+- Output: `[num_tokens, num_heads, head_dim]`, dtype of q.
+
+Positions and windows: query i of a sequence with q_len new tokens sits at position `seq_len - q_len + i` and sees
+key s iff `t - window_left <= s <= t`. `window_left` counts the keys BEFORE the query (nanochat's and SGLang's
+unit; vLLM's sliding window is `window_left + 1`); the model's S layers use 512 (so 513 keys), `None` is full
+causal attention. GQA: query head h reads KV head `h // (num_heads // num_kv_heads)`. head_dim 64 or 128.
+Softcap (optional): `logits = softcap * tanh(logits / softcap)` after the scale, before the softmax.
+
+SGLang keeps one token pool `[num_slots, num_kv_heads, head_dim]` and `req_to_token[req, pos] = slot`: that is
+the same layout with `block_size = 1` and the `req_to_token` rows of the batch as the block table
+(`token_pool_attention`, `block_table_from_req_to_token`).
+
+The Triton kernel (one program per sequence x tile of queries x KV head x split) walks key tiles from the first
+query's window start, `first_position - window_left`, to its last query, with an online softmax in fp32. Keys
+outside that range are never loaded (the loads are masked), so a windowed decode step costs O(window), not
+O(context). Query heads that share a KV head are packed into one tile, so GQA loads each key once per tile.
+Decode can split the key range over several programs (split-K) and merge the partial softmaxes in a second kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .relu2 import HAS_TRITON, dot_precision, interpreting, uses_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # the torch reference below still serves
+    from types import SimpleNamespace
+
+    triton = SimpleNamespace(jit=lambda fn: fn)
+    tl = SimpleNamespace(constexpr=None)
+
+_NO_WINDOW = 1 << 30  # window_left=None: larger than any context, still an int32
+_NUM_SMS = 132  # H100 SXM; only sizes the decode split-K heuristic
+
+
+@triton.jit
+def _tanh(x):
+    # tanh via exp (no libdevice in the interpreter); exp overflow to inf still gives +-1
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
+    part_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, HEAD_DIM] fp32, split-K only
+    part_ml_ptr,  # [num_tokens, num_heads, NUM_SPLITS, 2] fp32 (running max in log2 units, sum), split-K only
+    scale,
+    softcap,
+    window_left,
+    num_heads,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:  # the grid is sized for the longest sequence
+        return
+    ctx_len = tl.load(seq_lens_ptr + seq) - q_len  # keys cached before this step
+
+    # Row r of the tile is query (r // GROUP_P2) of the tile and query head (r % GROUP_P2) of this KV head.
+    rows = tl.arange(0, BLOCK_M)
+    q_local = q_tile * BLOCK_Q + rows // GROUP_P2
+    head = kv_head * GROUP + rows % GROUP_P2
+    row_valid = (rows < BLOCK_Q * GROUP_P2) & (q_local < q_len) & (rows % GROUP_P2 < GROUP)
+    q_pos = ctx_len + q_local
+    token = (q_start + q_local).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
+    )
+    if DOT_FP32:  # the interpreter's bf16 tl.dot is wrong (engines.md)
+        q = q.to(tl.float32)
+
+    # Keys this tile can see: from the first query's window start to the last query (causal).
+    first_pos = ctx_len + q_tile * BLOCK_Q
+    kv_lo = tl.maximum(first_pos - window_left, 0)
+    kv_hi = ctx_len + tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len)
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(kv_hi - kv_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_lo = kv_lo + split * chunk
+        kv_hi = tl.minimum(kv_hi, kv_lo + chunk)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        s = start + offs_n
+        s_valid = s < kv_hi  # also keeps the block-table and cache loads inside the window
+        page = tl.load(block_table_ptr + seq * stride_bt + s // PAGE_SIZE, mask=s_valid, other=0).to(tl.int64)
+        slot = s % PAGE_SIZE
+        k = tl.load(  # [HEAD_DIM, BLOCK_N]: K^T for the dot
+            key_cache_ptr + page[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh
+            + offs_d[:, None],
+            mask=s_valid[None, :],
+            other=0.0,
+        )
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if USE_SOFTCAP:
+            qk = softcap * _tanh(qk * (scale / softcap)) * 1.4426950408889634
+        else:
+            qk = qk * (scale * 1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
+        visible = (
+            s_valid[None, :] & (s[None, :] <= q_pos[:, None]) & (s[None, :] >= q_pos[:, None] - window_left)
+        )
+        qk = tl.where(visible, qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet stays at 0
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            value_cache_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
+            + offs_d[None, :],
+            mask=s_valid[:, None],
+            other=0.0,
+        )
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(row_valid, l_i, 1.0)[:, None]  # a valid row sees at least itself: l_i > 0
+        tl.store(
+            out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None],
+        )
+    else:
+        part = (token * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=row_valid)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):
+    # out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s; empty splits have m_s = -inf.
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_P2)
+    split_valid = splits < NUM_SPLITS
+    part = (token * num_heads + head) * NUM_SPLITS + splits
+    m = tl.load(part_ml_ptr + part * 2, mask=split_valid, other=float("-inf"))
+    l_sum = tl.load(part_ml_ptr + part * 2 + 1, mask=split_valid, other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))  # split 0 always holds keys, so the max is finite
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=split_valid[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def _decode_splits(batch: int, num_kv_heads: int, span: int) -> int:
+    """Split-K factor for a decode step whose longest key range is `span` keys.
+
+    Not tuned on a GPU: aim for ~2 programs per SM and at least 256 keys per split, at most 16 splits.
+    """
+    programs = batch * num_kv_heads
+    return max(1, min(16, triton.cdiv(span, 256), (2 * _NUM_SMS) // programs))
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    window_left: int | None,
+    softcap: float | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Launch the paged attention kernel (see the module docstring for layouts).
+
+    `max_query_len` / `max_seq_len` are the engines' metadata values; when None they are read from the device
+    tensors (a host sync). `num_splits` forces the split-K factor; by default only decode steps split.
+    """
+    assert HAS_TRITON, "paged_attention_triton needs triton"
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, cache_head_dim = key_cache.shape
+    assert value_cache.shape == key_cache.shape, f"K {tuple(key_cache.shape)} != V {tuple(value_cache.shape)}"
+    assert cache_head_dim == head_dim, f"q head_dim {head_dim} != cache head_dim {cache_head_dim}"
+    assert head_dim in (64, 128), f"head_dim {head_dim} not supported (64 or 128)"
+    assert num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+    assert key_cache.dtype == q.dtype, f"q is {q.dtype} but the cache is {key_cache.dtype}"
+    assert q.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1, "head_dim not contiguous"
+    batch = seq_lens.shape[0]
+    assert query_start_loc.shape[0] == batch + 1, "query_start_loc must be [batch + 1]"
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if batch else 0
+    out = torch.empty_like(q)
+    if num_tokens == 0 or max_query_len == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
+    block_q = min(max(1, 64 // group_p2), triton.next_power_of_2(max_query_len))  # 64-row tiles, untuned
+    block_m = max(16, block_q * group_p2)  # tl.dot needs >= 16 rows
+    block_n = 64
+    if num_splits is None:
+        num_splits = 1
+        if max_query_len == 1:
+            span = max_seq_len if max_seq_len is not None else int(seq_lens.max())
+            if window_left is not None:
+                span = min(span, window_left + 1)
+            num_splits = _decode_splits(batch, num_kv_heads, span)
+    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+
+    if num_splits > 1:
+        part_acc = torch.empty((num_tokens, num_heads, num_splits, head_dim), device=q.device, dtype=torch.float32)
+        part_ml = torch.empty((num_tokens, num_heads, num_splits, 2), device=q.device, dtype=torch.float32)
+    else:
+        part_acc = part_ml = out  # not touched when NUM_SPLITS == 1
+    grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
+    _paged_attention_kernel[grid](
+        q, key_cache, value_cache, block_table, seq_lens, query_start_loc, out, part_acc, part_ml,
+        scale, softcap if softcap is not None else 0.0,
+        window_left if window_left is not None else _NO_WINDOW, num_heads,
+        q.stride(0), q.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_table.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        USE_SOFTCAP=softcap is not None,
+        DOT_FP32=interpreting() and q.dtype != torch.float32,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_acc, part_ml, out, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
+        )  # fmt: skip
+    return out
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    window_left: int | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Plain-torch paged attention: gather each sequence's visible keys, masked softmax in fp32."""
+    num_heads, num_kv_heads = q.shape[1], key_cache.shape[2]
+    assert num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+    page_size = key_cache.shape[1]
+    out = torch.empty_like(q)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        q0, q1 = starts[b], starts[b + 1]
+        first = seq_len - (q1 - q0)  # position of the first new query
+        if q1 == q0:
+            continue
+        lo = 0 if window_left is None else max(0, first - window_left)  # keys before `lo` are never gathered
+        key_pos = torch.arange(lo, seq_len, device=q.device)
+        pages = block_table[b, key_pos // page_size].long()
+        k = key_cache[pages, key_pos % page_size].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        v = value_cache[pages, key_pos % page_size].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        logits = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        dist = torch.arange(first, seq_len, device=q.device)[:, None] - key_pos[None, :]  # query pos - key pos
+        visible = dist >= 0
+        if window_left is not None:
+            visible &= dist <= window_left
+        logits = logits.masked_fill(~visible, float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", logits.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    window_left: int | None,
+    softcap: float | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Causal (optionally windowed, soft-capped) paged attention: Triton on CUDA, the torch reference elsewhere.
+
+    `max_query_len` / `max_seq_len` only spare the Triton path a host sync; the reference ignores them.
+    """
+    if uses_triton(q):
+        return paged_attention_triton(
+            q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, window_left, softcap,
+            max_query_len=max_query_len, max_seq_len=max_seq_len,
+        )  # fmt: skip
+    return paged_attention_reference(
+        q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, window_left, softcap
+    )
+
+
+def block_table_from_req_to_token(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor) -> torch.Tensor:
+    """SGLang's `req_to_token` rows of this batch, int32 `[batch, max_context_len]`: a block table of page size 1.
+
+    This copies `batch * max_context_len` int32 per call (the whole row, not only the used prefix).
+    """
+    return req_to_token.index_select(0, req_pool_indices.long()).to(torch.int32)
+
+
+def token_pool_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_lens: torch.Tensor,
+    scale: float,
+    window_left: int | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`paged_attention` over SGLang's token pool (`[num_slots, num_kv_heads, head_dim]`, page size 1).
+
+    `query_lens` is `[batch]` new tokens per sequence: `extend_seq_lens` in EXTEND mode, ones in DECODE mode.
+    `seq_lens` includes them, as SGLang's does. Slots are indices into the pool the K/V were written to.
+    """
+    block_table = block_table_from_req_to_token(req_to_token, req_pool_indices)
+    query_start_loc = F.pad(torch.cumsum(query_lens, 0), (1, 0)).to(torch.int32)
+    return paged_attention(
+        q, k_pool.unsqueeze(1), v_pool.unsqueeze(1), block_table, seq_lens.to(torch.int32), query_start_loc,
+        scale, window_left, softcap,
+    )  # fmt: skip
+

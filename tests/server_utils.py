@@ -1,0 +1,166 @@
+"""An OpenAI-compatible server on 127.0.0.1 for the tests: start, wait, stop, and the request corpus shared by
+the vLLM and SGLang server suites (bad requests, a bounded soak)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    proc: subprocess.Popen
+    log: Path
+
+    def rss_mib(self) -> float:
+        """Resident memory of the server and all its children."""
+        import psutil
+
+        p = psutil.Process(self.proc.pid)
+        return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2**20
+
+    def complete(self, timeout: float = 120, **body) -> requests.Response:
+        return requests.post(f"{self.url}/v1/completions", json={"model": self.model, **body}, timeout=timeout)
+
+
+@contextmanager
+def serve(cmd: list[str], model: str, port: int, log: Path, env: dict[str, str] | None = None,
+          startup_s: float = 600) -> Iterator[Server]:
+    """Run `cmd` (which must listen on 127.0.0.1:`port`) until the context exits; kill its process group."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.time() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"server not healthy after {startup_s}s:\n{log.read_text()[-4000:]}")
+            time.sleep(2)
+        yield Server(url, model, proc, log)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def stream_text(server: Server, **body) -> tuple[str, list[str]]:
+    """POST a streaming completion; return the joined text and the finish reasons seen."""
+    r = requests.post(f"{server.url}/v1/completions", json={"model": server.model, "stream": True, **body},
+                      stream=True, timeout=120)
+    assert r.status_code == 200, r.text
+    text, reasons = [], []
+    for line in r.iter_lines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        choice = json.loads(line[6:])["choices"][0]
+        text.append(choice.get("text", ""))
+        if choice.get("finish_reason"):
+            reasons.append(choice["finish_reason"])
+    return "".join(text), reasons
+
+
+def disconnect_mid_stream(server: Server, prompt: str) -> None:
+    """Open a long streaming request, read one chunk, and drop the connection."""
+    r = requests.post(f"{server.url}/v1/completions", stream=True, timeout=120,
+                      json={"model": server.model, "prompt": prompt, "max_tokens": 200, "stream": True})
+    next(r.iter_lines())
+    r.close()
+
+
+# (name, request body, acceptable outcome): "4xx" means a clear client error, "ok" a correct answer
+BAD_REQUESTS: list[tuple[str, dict, str]] = [
+    ("prompt longer than the context", {"prompt": "hello " * 1100, "max_tokens": 4}, "4xx"),
+    ("empty prompt", {"prompt": "", "max_tokens": 4, "temperature": 0}, "ok_or_4xx"),
+    ("token id >= vocab", {"prompt": [32759, 40000, 5], "max_tokens": 4}, "4xx"),
+    ("negative token id", {"prompt": [32759, -3, 5], "max_tokens": 4}, "4xx"),
+    ("max_tokens 0", {"prompt": "hi", "max_tokens": 0}, "ok_or_4xx"),
+    ("max_tokens huge", {"prompt": "hi", "max_tokens": 10**9}, "ok_or_4xx"),
+    ("invalid UTF-8 (lone surrogate escapes)", {"prompt": "abc\udcff\ud800 def", "max_tokens": 4}, "ok_or_4xx"),
+    ("special tokens inside text", {"prompt": "a<|user_start|>b<|bos|>c", "max_tokens": 4, "temperature": 0}, "ok"),
+    ("n > 1 with greedy", {"prompt": "hi", "max_tokens": 4, "n": 3, "temperature": 0}, "ok_or_4xx"),
+    ("stop string splitting a multi-byte char", {"prompt": "caf", "max_tokens": 8, "stop": ["é"]}, "ok"),
+    ("absurd logprobs", {"prompt": "hi", "max_tokens": 2, "logprobs": 10**6}, "4xx"),
+    ("negative temperature", {"prompt": "hi", "max_tokens": 2, "temperature": -1}, "4xx"),
+    ("wrong type for prompt", {"prompt": {"x": 1}, "max_tokens": 2}, "4xx"),
+]
+
+
+def post_raw(server: Server, body: dict) -> requests.Response:
+    """Send a body as raw JSON (lone surrogates encoded as `\\udcff` escapes, which is not valid UTF-8)."""
+    data = json.dumps({"model": server.model, **body}, ensure_ascii=True)
+    return requests.post(f"{server.url}/v1/completions", data=data, timeout=120,
+                         headers={"Content-Type": "application/json"})
+
+
+def soak(server: Server, prompts: list[str], n_requests: int, concurrency: int, max_tokens: int,
+         deadline_s: float) -> dict:
+    """`n_requests` greedy completions (half streamed), `concurrency` at a time, bounded by `deadline_s`.
+    Each answer is compared with the same request run alone afterwards. Returns counts and latencies."""
+    start = time.time()
+    rss0 = server.rss_mib()
+
+    def one(i: int) -> tuple[int, str, float]:
+        t = time.time()
+        prompt = prompts[i % len(prompts)]
+        if i % 2:
+            text, _ = stream_text(server, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        else:
+            r = server.complete(prompt=prompt, max_tokens=max_tokens, temperature=0)
+            r.raise_for_status()
+            text = r.json()["choices"][0]["text"]
+        return i, text, time.time() - t
+
+    answers: dict[int, str] = {}
+    latencies: list[float] = []
+    failures = 0
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(one, i) for i in range(n_requests)]
+        for f in cf.as_completed(futures, timeout=deadline_s):
+            try:
+                i, text, dt = f.result()
+                answers[i], latencies = text, [*latencies, dt]
+            except Exception:  # counted and reported; the test asserts failures == 0
+                failures += 1
+    alone = {}
+    for j in range(len(prompts)):
+        r = server.complete(prompt=prompts[j], max_tokens=max_tokens, temperature=0)
+        r.raise_for_status()
+        alone[j] = r.json()["choices"][0]["text"]
+    mismatches = [i for i, text in answers.items() if text != alone[i % len(prompts)]]
+    return {"requests": n_requests, "concurrency": concurrency, "answered": len(answers), "failures": failures,
+            "mismatches": mismatches, "max_latency_s": max(latencies, default=0.0), "wall_s": time.time() - start,
+            "rss_before_mib": rss0, "rss_after_mib": server.rss_mib()}

@@ -1,0 +1,113 @@
+"""The vLLM OpenAI server with our plugin on 127.0.0.1: completions, streaming, logprobs, penalties, stop, bad
+requests, a disconnecting client and a short soak, all against one server start (run in .venv/vllm)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from cognica.hf import register
+from cognica.model import load_reference
+from tests.server_utils import BAD_REQUESTS, disconnect_mid_stream, free_port, post_raw, serve, soak, stream_text
+from tests.utils import assert_fp32_parity
+
+BOS = 32759
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_ckpt), "--host",
+           "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
+           "--max-num-seqs", "16", "--block-size", "32", "--dtype", "float32"]
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    with serve(cmd, str(tiny_ckpt), port, log, env) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_ckpt: Path):
+    register()
+    return AutoTokenizer.from_pretrained(tiny_ckpt)
+
+
+def completion_ids(server, prompt: str, **kw) -> tuple[list[int], list[float]]:
+    r = server.complete(prompt=prompt, temperature=0, logprobs=0, return_tokens_as_token_ids=True, **kw)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    return [int(t.split(":")[1]) for t in lp["tokens"]], lp["token_logprobs"]
+
+
+def test_server_completion_matches_reference_with_bos_prepended_once(server, tokenizer, tiny_ckpt):
+    ref = load_reference(tiny_ckpt, dtype=torch.float32)
+    ids = tokenizer("The capital of France is").input_ids
+    assert ids[0] == BOS and ids[1] != BOS, f"tokenizer must prepend <|bos|> once, got {ids[:3]}"
+    assert tokenizer("<|bos|>The capital").input_ids.count(BOS) == 1, "an explicit <|bos|> must not be doubled"
+    tokens, logprobs = completion_ids(server, "The capital of France is", max_tokens=12)
+    assert len(tokens) == 12 and all(lp <= 0 for lp in logprobs), "12 tokens with log-probabilities expected"
+    assert_fp32_parity(ref, ids, tokens, logprobs, "served completion (float32)")
+
+
+def test_streaming_equals_non_streaming(server):
+    body = dict(prompt="Once upon a time,", max_tokens=16, temperature=0)
+    r = server.complete(**body)
+    assert r.status_code == 200, r.text
+    text, reasons = stream_text(server, **body)
+    assert text == r.json()["choices"][0]["text"], "streamed text differs from the non-streamed completion"
+    assert reasons == ["length"], f"stream should end once with finish_reason 'length', got {reasons}"
+
+
+def test_repetition_penalty_blocks_repeats(server, tokenizer):
+    prompt = "one two three"
+    tokens, _ = completion_ids(server, prompt, max_tokens=16, repetition_penalty=50.0)
+    seen = set(tokenizer(prompt).input_ids)
+    for t in tokens:
+        assert t not in seen, f"token {t} repeated despite repetition_penalty=50"
+        seen.add(t)
+
+
+def test_stop_string_truncates_and_reports_stop(server):
+    full = server.complete(prompt="In the beginning", max_tokens=24, temperature=0).json()["choices"][0]["text"]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), f"need a non-blank stop string from {full!r}"
+    r = server.complete(prompt="In the beginning", max_tokens=24, temperature=0, stop=[stop])
+    choice = r.json()["choices"][0]
+    assert choice["text"] == full[: full.index(stop)], "output must end right before the stop string"
+    assert choice["finish_reason"] == "stop"
+
+
+def test_prompt_longer_than_context_gets_400_and_server_keeps_serving(server):
+    r = server.complete(prompt="hello " * 1100, max_tokens=4)
+    assert r.status_code == 400, f"expected 400 for an over-long prompt, got {r.status_code}: {r.text[:200]}"
+    assert "context length" in r.text, f"the 400 should say why: {r.text[:300]}"
+    assert server.complete(prompt="hello", max_tokens=2).status_code == 200
+
+
+@pytest.mark.parametrize("name,body,outcome", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_clear_answer_and_server_keeps_serving(server, name, body, outcome):
+    r = post_raw(server, body)
+    if outcome == "4xx":
+        assert 400 <= r.status_code < 500, f"{name}: expected a 4xx, got {r.status_code}: {r.text[:200]}"
+        assert r.json().get("error", {}).get("message"), f"{name}: a 4xx must carry a message: {r.text[:200]}"
+    elif outcome == "ok":
+        assert r.status_code == 200, f"{name}: expected an answer, got {r.status_code}: {r.text[:200]}"
+    else:
+        assert r.status_code == 200 or 400 <= r.status_code < 500, f"{name}: got {r.status_code}: {r.text[:200]}"
+    assert server.complete(prompt="still there?", max_tokens=2).status_code == 200, f"server died after: {name}"
+
+
+def test_client_disconnect_mid_stream_leaves_server_serving(server):
+    disconnect_mid_stream(server, "Tell me a long story")
+    assert server.complete(prompt="after the disconnect", max_tokens=2).status_code == 200
+
+
+def test_short_soak_every_answer_equals_the_request_alone(server):
+    prompts = ["Hi", "A short one.", "word " * 300, "The quick brown fox " * 40, "x" * 700, "Numbers: 123 456"]
+    stats = soak(server, prompts, n_requests=24, concurrency=8, max_tokens=8, deadline_s=600)
+    assert stats["failures"] == 0 and stats["answered"] == 24, f"unanswered requests: {stats}"
+    assert not stats["mismatches"], f"batched greedy answers differ from the same request alone: {stats}"
