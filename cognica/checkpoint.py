@@ -115,7 +115,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         blob = f.read(n)
     try:
         header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
         raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: corrupt safetensors header (not a JSON object)")
@@ -128,9 +128,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         try:
             dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
             b, e = int(b), int(e)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
             raise CheckpointError(f"{path.name}: corrupt header entry for tensor {name!r}: {info!r}") from None
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}")
         if any(s < 0 for s in shape) or b < 0 or e < b:
             raise CheckpointError(f"{path.name}: tensor {name!r} has invalid shape {shape} or offsets [{b}, {e})")
@@ -193,7 +193,7 @@ def weight_files(root: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError) as e:
             raise CheckpointError(f"{INDEX_FILE}: corrupt index ({e!r})") from None
         files = []
         for n in names:

@@ -89,7 +89,7 @@ def _encoding_from_state(state: object, where: str) -> tiktoken.Encoding:
         raise TokenizerError(f"{where}: pickle names the registered tiktoken encoding {state!r}, not a vocab")
     keys = {"name", "pat_str", "mergeable_ranks", "special_tokens"}
     if not isinstance(state, dict) or set(state) != keys:
-        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        got = sorted(map(repr, state)) if isinstance(state, dict) else type(state).__name__
         raise TokenizerError(f"{where}: Encoding state must be a dict with keys {sorted(keys)}, got {got}")
     name, pat_str, ranks, specials = (state[k] for k in ("name", "pat_str", "mergeable_ranks", "special_tokens"))
     if not isinstance(name, str) or not isinstance(pat_str, str):
@@ -102,6 +102,8 @@ def _encoding_from_state(state: object, where: str) -> tiktoken.Encoding:
         type(k) is str and type(v) is int for k, v in specials.items()
     ):
         raise TokenizerError(f"{where}: special_tokens must be dict[str, int]")
+    if len(set(ranks.values())) != len(ranks) or set(ranks.values()) & set(specials.values()):
+        raise TokenizerError(f"{where}: two tokens share a rank (tiktoken's core would panic on it)")
     try:
         return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
     except Exception as e:  # tiktoken raises ValueError/AssertionError on bad regexes or ranks

@@ -16,7 +16,7 @@ from itertools import islice
 import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import CacheConfig, VllmConfig
+from vllm.config import CacheConfig, VllmConfig, get_current_vllm_config
 from vllm.distributed import (
     get_pp_group,
     get_tensor_model_parallel_rank,
@@ -38,6 +38,7 @@ from cognica import layers
 from cognica.checkpoint import CheckpointError, canonical_name, expected_tensors, open_checkpoint, padded_vocab
 from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica.hf import cognica_config
+from cognica_vllm.attention import cognica_paged_attention, register_splitting, use_cognica_attention
 from cognica_vllm.smear import SmearState, smear_prev_ids
 
 logger = init_logger(__name__)
@@ -110,9 +111,15 @@ class CognicaAttention(nn.Module):
         # until the context outgrows its window (only past sequence_len + 1 tokens).
         keys = cfg.window_keys[layer_idx]
         window = keys if keys < max_model_len else None
+        self.window_left = None if window is None else window - 1
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
                               cache_config=cache_config, quant_config=quant_config,
                               per_layer_sliding_window=window, prefix=f"{prefix}.attn")
+        from vllm.platforms import current_platform
+
+        self.triton_attention = use_cognica_attention(self.attn.attn_backend.get_name(), current_platform.is_cuda())
+        if self.triton_attention:
+            register_splitting(get_current_vllm_config())
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
         qkv, _ = self.qkv_proj(h)
@@ -122,7 +129,11 @@ class CognicaAttention(nn.Module):
             v = layers.add_value_embedding(v, h, ve, gate_w, self.num_kv_heads)
         q, k = self.rotary_emb(positions, q, k)
         q, k = layers.qk_norm(q.unflatten(-1, (-1, self.head_dim)), k.unflatten(-1, (-1, self.head_dim)))
-        out = self.attn(q.flatten(-2), k.flatten(-2), v)
+        q, k = q.flatten(-2), k.flatten(-2)
+        if self.triton_attention:
+            out = cognica_paged_attention(q, k, v, self.attn.layer_name, self.window_left)
+        else:
+            out = self.attn(q, k, v)
         out, _ = self.c_proj(out)
         return out
 

@@ -42,8 +42,7 @@ class SmearState(nn.Module):
         if prefix in compilation.static_forward_context:
             raise ValueError(f"Duplicate layer name: {prefix}")
         compilation.static_forward_context[prefix] = self
-        if compilation.splitting_ops is not None and OP_NAME not in compilation.splitting_ops:
-            compilation.splitting_ops.append(OP_NAME)
+        split_graph_at(vllm_config, OP_NAME)
 
     def buffer(self, kv_cache: torch.Tensor, num_kv_heads: int, head_size: int) -> torch.Tensor:
         """The buffer, sized from the bound KV cache of the full-attention layer on first use."""
@@ -53,7 +52,15 @@ class SmearState(nn.Module):
         return self.slot_ids
 
 
-def _layer_metadata(attn_metadata, layer_name: str):
+def split_graph_at(vllm_config: VllmConfig, op_name: str) -> None:
+    """Make `op_name` a splitting op: under piecewise CUDA graphs it then runs eagerly with each step's metadata."""
+    ops = vllm_config.compilation_config.splitting_ops
+    if ops is not None and op_name not in ops:
+        ops.append(op_name)
+
+
+def layer_metadata(attn_metadata, layer_name: str):
+    """This step's attention metadata of one layer (None in profiling and dummy runs)."""
     if isinstance(attn_metadata, list):  # micro-batching / speculative decoding: [0] is the base model
         attn_metadata = attn_metadata[0] if attn_metadata else None
     if isinstance(attn_metadata, dict):
@@ -65,7 +72,7 @@ def smear_prev_ids_impl(input_ids: torch.Tensor, positions: torch.Tensor, state_
     ctx = get_forward_context()
     prev = torch.full_like(input_ids, -1)
     state: SmearState = ctx.no_compile_layers[state_name]
-    meta = _layer_metadata(ctx.attn_metadata, state.attn_layer_name)
+    meta = layer_metadata(ctx.attn_metadata, state.attn_layer_name)
     if meta is None:  # profiling / dummy run: no KV cache yet, nothing to remember
         return prev
     attn = ctx.no_compile_layers[state.attn_layer_name]

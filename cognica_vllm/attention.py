@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SSSL attention through `cognica_kernels` on CUDA, inside vLLM's paged KV cache.
+
+The model keeps vLLM's `Attention` layer (it owns the KV-cache spec, so the hybrid manager still sizes and frees
+each layer's blocks by its window). On CUDA with the FLASH_ATTN backend and `COGNICA_KERNELS=triton` (the
+default there) the model calls `cognica_paged_attention` instead of `Attention.forward`: the op writes this step's
+K/V through the backend's own `do_kv_cache_update`, then runs the Triton kernel on the same cache through the
+layer's block table, touching only in-window blocks on S layers. Elsewhere (CPU, other backends,
+`COGNICA_KERNELS=engine`) vLLM's built-in attention runs. Like vLLM's own attention op, this one is opaque to
+torch.compile and splits the graph, so it reads each step's metadata eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from cognica_vllm.smear import layer_metadata, split_graph_at
+
+OP_NAME = "vllm.cognica_paged_attention"
+SUPPORTED_BACKENDS = ("FLASH_ATTN",)  # KV layout [num_blocks, num_kv_heads, block_size, 2 * head_size]
+
+
+def use_cognica_attention(backend_name: str, is_cuda: bool, env: str | None = None) -> bool:
+    """The Triton path: CUDA, a backend whose cache layout we read, and not opted out."""
+    choice = os.environ.get("COGNICA_KERNELS", "triton") if env is None else env
+    return is_cuda and choice == "triton" and backend_name in SUPPORTED_BACKENDS
+
+
+def register_splitting(vllm_config) -> None:
+    split_graph_at(vllm_config, OP_NAME)
+
+
+def cognica_paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor,
+                                 layer_name: str, window_left: int) -> None:
+    from cognica_kernels.attention import paged_attention
+
+    ctx = get_forward_context()
+    meta = layer_metadata(ctx.attn_metadata, layer_name)
+    if meta is None:  # profiling / dummy run
+        output.zero_()
+        return
+    attn = ctx.no_compile_layers[layer_name]
+    kv_cache = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
+    hd = attn.head_size
+    q, k, v = q.view(-1, attn.num_heads, hd), k.view(-1, attn.num_kv_heads, hd), v.view(-1, attn.num_kv_heads, hd)
+    slot_mapping = ctx.slot_mapping.get(layer_name) if isinstance(ctx.slot_mapping, dict) else None
+    attn.impl.do_kv_cache_update(attn, k, v, kv_cache, meta.slot_mapping if slot_mapping is None else slot_mapping)
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(hd, dim=-1)  # each [blocks, block_size, heads, hd]
+    n = meta.num_actual_tokens
+    out = paged_attention(q[:n], key_cache, value_cache, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                          attn.impl.scale, window_left if window_left >= 0 else None,
+                          max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
+    output[:n] = out.flatten(-2)
+
+
+def cognica_paged_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor,
+                                 layer_name: str, window_left: int) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name="cognica_paged_attention",
+    op_func=cognica_paged_attention_impl,
+    fake_impl=cognica_paged_attention_fake,
+    mutates_args=["output"],
+)
+
+
+def cognica_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_name: str,
+                            window_left: int | None) -> torch.Tensor:
+    """q [tokens, heads * hd], k/v [tokens, kv_heads * hd] -> [tokens, heads * hd]; window_left None = full."""
+    out = torch.empty_like(q)
+    torch.ops.vllm.cognica_paged_attention(q, k, v, out, layer_name, -1 if window_left is None else window_left)
+    return out
