@@ -1,0 +1,255 @@
+# Adapted from SGLang's python/sglang/srt/models/gemma2.py and llama.py (Apache-2.0): the same five
+# classes, with the Cognica math taken from `cognica.layers`.
+"""Cognica (nanochat GPT) on SGLang's radix/paged KV cache.
+
+What differs from a Llama, and where it is handled (the math itself is in `cognica.layers`):
+- rotary: nanochat rotates by -theta; c_q/c_k rows are half-swapped at load time
+  (`layers.swap_rotary_halves`) so SGLang's stock neox rope gives the same scores;
+- per-head QK rms norm x 1.2 after rope, attention scale 1/sqrt(head_dim);
+- per-layer windows: `RadixAttention(sliding_window_size=window_left)`, keys before the query;
+- value embeddings (vocab-parallel tables) gated per KV head on alternating layers;
+- smear of the previous token's normed embedding, with the previous token read from SGLang's
+  KV slot bookkeeping (`cognica_sglang.smear`), exact under chunked prefill and radix hits;
+- x0 residual lambdas, backout, relu^2 MLP, untied head, final soft-cap 15 (`final_logit_softcapping`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.quantization.base_config import QuantizationConfig
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_loader.weight_utils import default_weight_loader
+from sglang.srt.runtime_context import get_parallel, get_server_args
+from sglang.srt.utils import add_prefix, is_cuda, make_layers
+from torch import nn
+
+from cognica import hf, layers
+from cognica.checkpoint import canonical_name, expected_tensors, open_checkpoint, padded_vocab
+from cognica.config import ARCHITECTURE_ALIASES, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
+from cognica_sglang.smear import SlotTokens, unsupported_modes
+
+logger = logging.getLogger(__name__)
+hf.register()  # the config class, also when loaded through SGLANG_EXTERNAL_MODEL_PACKAGE
+
+KERNELS_ENV = "COGNICA_KERNELS"  # "triton" (default; used on CUDA only) or "engine"
+
+
+def select_relu2() -> Callable[[torch.Tensor], torch.Tensor]:
+    """relu^2 for the MLP: the cognica_kernels Triton op on CUDA, exactly `layers.relu2` elsewhere."""
+    choice = os.environ.get(KERNELS_ENV, "triton")
+    if choice not in ("triton", "engine"):
+        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected 'triton' or 'engine'")
+    if choice == "triton" and is_cuda():
+        from cognica_kernels.relu2 import relu2  # imported only where Triton can run
+
+        return relu2
+    return layers.relu2
+
+
+def window_left(cfg: CognicaConfig, layer_id: int, context_len: int) -> int:
+    """RadixAttention's `sliding_window_size` (keys before the query; -1 = full): the L layers only
+    slide when the served context is longer than the training context."""
+    w = cfg.window_left[layer_id]
+    return w if cfg.is_sliding[layer_id] or context_len > cfg.sequence_len else -1
+
+
+def tp_shard(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """This rank's slice of a tensor laid out like a column-parallel output (the KV-head axis)."""
+    tp = get_parallel()
+    return t.chunk(tp.tp_size, dim=dim)[tp.tp_rank] if tp.tp_size > 1 else t
+
+
+class CognicaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
+        super().__init__()
+        self.c_fc = ColumnParallelLinear(hidden_size, intermediate_size, bias=False, quant_config=quant_config,
+                                         prefix=add_prefix("c_fc", prefix))
+        self.c_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, quant_config=quant_config,
+                                        prefix=add_prefix("c_proj", prefix))
+        self.act_fn = select_relu2()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.c_fc(x)
+        x, _ = self.c_proj(self.act_fn(h))
+        return x
+
+
+class CognicaAttention(nn.Module):
+    def __init__(self, cfg: CognicaConfig, layer_id: int, context_len: int,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__()
+        tp_size = get_parallel().tp_size
+        if cfg.n_head % tp_size or cfg.n_kv_head % tp_size:
+            raise ValueError(
+                f"tensor parallel size {tp_size} must divide the {cfg.n_head} query and {cfg.n_kv_head} KV heads"
+                " (the value-embedding gate is per KV head, so KV heads are not replicated)"
+            )
+        self.head_dim = cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.n_head // tp_size, cfg.n_kv_head // tp_size
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head, bias=False,
+                                          quant_config=quant_config, prefix=add_prefix("qkv_proj", prefix))
+        self.c_proj = RowParallelLinear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False,
+                                        quant_config=quant_config, prefix=add_prefix("c_proj", prefix))
+        # one gate per KV head: its rows shard with the KV heads
+        self.ve_gate = (
+            ColumnParallelLinear(VE_GATE_CHANNELS, cfg.n_kv_head, bias=False, prefix=add_prefix("ve_gate", prefix))
+            if layer_id in cfg.ve_layers else None
+        )
+        # Half-swapped c_q/c_k rows + neox rope == nanochat's -theta rope (see layers.swap_rotary_halves)
+        self.rotary_emb = get_rope(cfg.head_dim, rotary_dim=cfg.head_dim, max_position=max(context_len, 1),
+                                   base=ROPE_BASE, is_neox_style=True)
+        self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5,
+                                   num_kv_heads=self.num_kv_heads, layer_id=layer_id,
+                                   sliding_window_size=window_left(cfg, layer_id, context_len),
+                                   quant_config=quant_config, prefix=add_prefix("attn", prefix))
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, ve: torch.Tensor | None,
+                forward_batch: ForwardBatch) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(h)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.ve_gate is not None:
+            v = layers.add_value_embedding(v, h, ve, self.ve_gate.weight, self.num_kv_heads)
+        q, k = self.rotary_emb(positions, q, k)
+        q, k = layers.qk_norm(q.reshape(-1, self.num_heads, self.head_dim),
+                              k.reshape(-1, self.num_kv_heads, self.head_dim))
+        y = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v.contiguous(), forward_batch)
+        out, _ = self.c_proj(y)
+        return out
+
+
+class CognicaDecoderLayer(nn.Module):
+    def __init__(self, cfg: CognicaConfig, layer_id: int, context_len: int,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__()
+        self.attn = CognicaAttention(cfg, layer_id, context_len, quant_config, prefix=add_prefix("attn", prefix))
+        self.mlp = CognicaMLP(cfg.n_embd, cfg.mlp_hidden, quant_config, prefix=add_prefix("mlp", prefix))
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ve: torch.Tensor | None,
+                forward_batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.attn(positions, layers.norm(x), ve, forward_batch)
+        return x + self.mlp(layers.norm(x))
+
+
+class CognicaModel(nn.Module):
+    def __init__(self, cfg: CognicaConfig, context_len: int, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
+        super().__init__()
+        self.cfg = cfg
+        vocab = padded_vocab(cfg)
+        self.wte = VocabParallelEmbedding(vocab, cfg.n_embd, prefix=add_prefix("wte", prefix))
+        self.h = make_layers(
+            cfg.n_layer,
+            lambda idx, prefix: CognicaDecoderLayer(cfg, idx, context_len, quant_config, prefix=prefix),
+            prefix=add_prefix("h", prefix),
+        )
+        self.value_embeds = nn.ModuleDict(
+            {str(i): VocabParallelEmbedding(vocab, cfg.kv_dim, prefix=add_prefix(f"value_embeds.{i}", prefix))
+             for i in cfg.ve_layers}
+        )
+        self.resid_lambdas = nn.Parameter(torch.empty(cfg.n_layer), requires_grad=False)
+        self.x0_lambdas = nn.Parameter(torch.empty(cfg.n_layer), requires_grad=False)
+        self.smear_gate = ReplicatedLinear(SMEAR_CHANNELS, 1, bias=False, prefix=add_prefix("smear_gate", prefix))
+        self.smear_lambda = nn.Parameter(torch.empty(1), requires_grad=False)
+        self.backout_lambda = nn.Parameter(torch.empty(1), requires_grad=False)
+        self.slot_tokens = SlotTokens()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        cfg = self.cfg
+        x = layers.norm(self.wte(input_ids))
+        prev_ids, has_prev = self.slot_tokens.previous(input_ids, positions, forward_batch)
+        x = layers.smear(x, layers.norm(self.wte(prev_ids)), self.smear_gate.weight, self.smear_lambda, has_prev)
+        x0, x_backout = x, None
+        for i, layer in enumerate(self.h):
+            x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
+            ve = tp_shard(self.value_embeds[str(i)](input_ids)) if str(i) in self.value_embeds else None
+            x = layer(positions, x, ve, forward_batch)
+            if i == cfg.backout_layer:
+                x_backout = x
+        if x_backout is not None:
+            x = layers.backout(x, x_backout, self.backout_lambda)
+        return layers.norm(x)
+
+
+class CognicaPoEForCausalLM(nn.Module):
+    # (param, checkpoint shard, shard id): the only renames; everything else keeps nanochat's names
+    stacked_params_mapping = [(".qkv_proj.", ".c_q.", "q"), (".qkv_proj.", ".c_k.", "k"), (".qkv_proj.", ".c_v.", "v")]
+
+    def __init__(self, config, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__()
+        self.config = config
+        self.cfg = cfg = hf.cognica_config(config)
+        args = get_server_args()
+        refused = unsupported_modes(args)
+        if refused:
+            raise ValueError(
+                "Cognica's smear reads the previous token from the KV slots this model's forwards wrote;"
+                f" these settings fill KV slots another way and are not supported: {'; '.join(refused)}"
+            )
+        model_path = getattr(args, "model_path", None) or getattr(config, "_name_or_path", "")
+        if model_path and Path(model_path).is_dir():
+            open_checkpoint(model_path)  # a bad checkpoint fails here, with one message, before allocation
+        context_len = getattr(args, "context_length", None) or cfg.sequence_len
+        self.quant_config = quant_config
+        self.model = CognicaModel(cfg, context_len, quant_config, prefix=add_prefix("model", prefix))
+        self.lm_head = ParallelLMHead(padded_vocab(cfg), cfg.n_embd, quant_config=quant_config,
+                                      prefix=add_prefix("lm_head", prefix))
+        self.logits_processor = LogitsProcessor(config)  # soft-caps with config.final_logit_softcapping (15)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
+                input_embeds: torch.Tensor | None = None, get_embedding: bool = False):
+        if input_embeds is not None:
+            raise NotImplementedError("Cognica needs token ids (smear, value embeddings); input_embeds is unsupported")
+        hidden = self.model(input_ids, positions, forward_batch)
+        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+
+    def get_attention_sliding_window_size(self) -> int:
+        return self.cfg.short_window  # keys before the query, the S layers' window (sizes the SWA pool)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        expected = expected_tensors(self.cfg)
+        seen: set[str] = set()
+        unknown: list[str] = []
+        for stored, w in weights:
+            canon = canonical_name(stored)
+            if canon not in expected:
+                if canon not in ("cos", "sin"):
+                    unknown.append(stored)
+                continue
+            seen.add(canon)
+            name = canon if canon.startswith("lm_head.") else "model." + canon.removeprefix("transformer.")
+            for param_part, shard_part, shard_id in self.stacked_params_mapping:
+                if shard_part in name:
+                    if shard_id in ("q", "k"):
+                        w = layers.swap_rotary_halves(w, self.cfg.head_dim)
+                    param = params[name.replace(shard_part, param_part)]
+                    param.weight_loader(param, w, shard_id)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, w)
+        missing = sorted(set(expected) - seen)
+        if missing or unknown:
+            raise ValueError(f"cognica checkpoint: missing tensors {missing[:8]}, unexpected tensors {unknown[:8]}")
+        return set(params)
+
+
+def _alias(name: str) -> type[CognicaPoEForCausalLM]:
+    """The same model under another architecture string (SGLang keys its registry by class name)."""
+    return type(name, (CognicaPoEForCausalLM,), {"__doc__": f"{name}: alias of CognicaPoEForCausalLM."})
+
+
+EntryClass = [CognicaPoEForCausalLM] + [_alias(n) for n in ARCHITECTURE_ALIASES if n != "CognicaPoEForCausalLM"]
