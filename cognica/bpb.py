@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 # prompt_logprobs(model_dir, windows, dtype) -> one list per window of log p(window[t] | window[:t]), t >= 1
 LogprobFn = Callable[[str, list[list[int]], str], list[list[float]]]
+# Windows stop this many tokens short of the context: engines reserve room for the sampled token (SGLang 0.5.23
+# accepts at most context - 6 input tokens), and every engine must score the same windows.
+WINDOW_MARGIN = 8
 ENGINE_MODULES = {"vllm": "cognica_vllm.bpb", "sglang": "cognica_sglang.bpb"}
 
 
@@ -132,7 +135,7 @@ def evaluate_bpb(model_dir: str | os.PathLike[str], text: str, engine: str = "re
         ids = ids[: max_tokens + 1]
     if len(ids) < 2:
         raise ValueError("the text has no tokens to score")
-    windows = split_windows(ids, cfg.sequence_len)
+    windows = split_windows(ids, cfg.sequence_len - WINDOW_MARGIN)
     logger.info("scoring %d tokens in %d window(s) with %s", len(ids) - 1, len(windows), engine)
     per_window = engine_logprob_fn(engine)(str(root), windows, dtype)
     targets: list[int] = []

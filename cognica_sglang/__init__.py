@@ -32,12 +32,9 @@ def _hybrid_swa_override(server_args: Any, hf_config: Any) -> dict:
 
 def register() -> None:
     """Register the config, the model classes and the CPU override with SGLang (idempotent)."""
-    from cognica.hf import CognicaPoEConfig
     from cognica.hf import register as register_config
-    from cognica.tokenizer import register_tokenizer
 
-    register_config()
-    register_tokenizer(CognicaPoEConfig)  # tokenizer.json + <|bos|> handling from the core, no remote code
+    register_config()  # config, reference model and the BOS-once tokenizer class: no remote code
     from sglang.srt.arg_groups.model_override_base import _MODEL_OVERRIDE_FNS, register_model_override
     from sglang.srt.models.registry import ModelRegistry
 

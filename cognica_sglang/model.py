@@ -16,7 +16,6 @@ What differs from a Llama, and where it is handled (the math itself is in `cogni
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -36,20 +35,19 @@ from torch import nn
 from cognica import hf, layers
 from cognica.checkpoint import canonical_name, expected_tensors, open_checkpoint, padded_vocab
 from cognica.config import ARCHITECTURE_ALIASES, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
+from cognica_kernels import engine_uses_triton
+from cognica_sglang.attention import triton_extend_attention, use_triton_attention
 from cognica_sglang.smear import SlotTokens, unsupported_modes
 
 logger = logging.getLogger(__name__)
 hf.register()  # the config class, also when loaded through SGLANG_EXTERNAL_MODEL_PACKAGE
 
-KERNELS_ENV = "COGNICA_KERNELS"  # "triton" (default; used on CUDA only) or "engine"
 
 
 def select_relu2() -> Callable[[torch.Tensor], torch.Tensor]:
-    """relu^2 for the MLP: the cognica_kernels Triton op on CUDA, exactly `layers.relu2` elsewhere."""
-    choice = os.environ.get(KERNELS_ENV, "triton")
-    if choice not in ("triton", "engine"):
-        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected 'triton' or 'engine'")
-    if choice == "triton" and is_cuda():
+    """relu^2 for the MLP: the cognica_kernels Triton op on CUDA (unless COGNICA_KERNELS=engine), exactly
+    `layers.relu2` elsewhere."""
+    if engine_uses_triton(is_cuda()):
         from cognica_kernels.relu2 import relu2  # imported only where Triton can run
 
         return relu2
@@ -114,6 +112,7 @@ class CognicaAttention(nn.Module):
                                    num_kv_heads=self.num_kv_heads, layer_id=layer_id,
                                    sliding_window_size=window_left(cfg, layer_id, context_len),
                                    quant_config=quant_config, prefix=add_prefix("attn", prefix))
+        self.is_cuda = is_cuda()
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, ve: torch.Tensor | None,
                 forward_batch: ForwardBatch) -> torch.Tensor:
@@ -124,7 +123,11 @@ class CognicaAttention(nn.Module):
         q, k = self.rotary_emb(positions, q, k)
         q, k = layers.qk_norm(q.reshape(-1, self.num_heads, self.head_dim),
                               k.reshape(-1, self.num_kv_heads, self.head_dim))
-        y = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v.contiguous(), forward_batch)
+        q, k, v = q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v.contiguous()
+        if use_triton_attention(self.is_cuda, forward_batch):
+            y = triton_extend_attention(q, k, v, self.attn, forward_batch)
+        else:
+            y = self.attn(q, k, v, forward_batch)
         out, _ = self.c_proj(y)
         return out
 

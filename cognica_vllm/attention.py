@@ -12,22 +12,20 @@ torch.compile and splits the graph, so it reads each step's metadata eagerly.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from cognica_kernels import engine_uses_triton
 from cognica_vllm.smear import layer_metadata, split_graph_at
 
 OP_NAME = "vllm.cognica_paged_attention"
 SUPPORTED_BACKENDS = ("FLASH_ATTN",)  # KV layout [num_blocks, num_kv_heads, block_size, 2 * head_size]
 
 
-def use_cognica_attention(backend_name: str, is_cuda: bool, env: str | None = None) -> bool:
-    """The Triton path: CUDA, a backend whose cache layout we read, and not opted out."""
-    choice = os.environ.get("COGNICA_KERNELS", "triton") if env is None else env
-    return is_cuda and choice == "triton" and backend_name in SUPPORTED_BACKENDS
+def use_cognica_attention(backend_name: str, is_cuda: bool) -> bool:
+    """The Triton path: CUDA, a backend whose cache layout we read, and not opted out (COGNICA_KERNELS)."""
+    return engine_uses_triton(is_cuda) and backend_name in SUPPORTED_BACKENDS
 
 
 def register_splitting(vllm_config) -> None:

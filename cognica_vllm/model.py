@@ -38,6 +38,7 @@ from cognica import layers
 from cognica.checkpoint import CheckpointError, canonical_name, expected_tensors, open_checkpoint, padded_vocab
 from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica.hf import cognica_config
+from cognica_kernels import engine_uses_triton
 from cognica_vllm.attention import cognica_paged_attention, register_splitting, use_cognica_attention
 from cognica_vllm.smear import SmearState, smear_prev_ids
 
@@ -48,11 +49,10 @@ STACKED_PARAMS = [("qkv_proj", "c_q", "q"), ("qkv_proj", "c_k", "k"), ("qkv_proj
 
 
 def mlp_activation():
-    """relu^2: the cognica_kernels Triton kernel on CUDA (COGNICA_KERNELS=triton, the default there),
-    plain torch elsewhere or with COGNICA_KERNELS=engine."""
+    """relu^2: the cognica_kernels Triton kernel on CUDA (unless COGNICA_KERNELS=engine), plain torch elsewhere."""
     from vllm.platforms import current_platform
 
-    if current_platform.is_cuda_alike() and os.environ.get("COGNICA_KERNELS", "triton") == "triton":
+    if engine_uses_triton(current_platform.is_cuda()):
         from cognica_kernels.relu2 import relu2
 
         return relu2

@@ -46,11 +46,12 @@ class Server:
 
 @contextmanager
 def serve(cmd: list[str], model: str, port: int, log: Path, env: dict[str, str] | None = None,
-          startup_s: float = 600) -> Iterator[Server]:
-    """Run `cmd` (which must listen on 127.0.0.1:`port`) until the context exits; kill its process group."""
+          unset: tuple[str, ...] = (), startup_s: float = 600) -> Iterator[Server]:
+    """Run `cmd` (which must listen on 127.0.0.1:`port`) until the context exits; kill its process group.
+    The server gets this process's environment plus `env`, minus the names in `unset`."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     url = f"http://{HOST}:{port}"
     try:
         deadline = time.time() + startup_s
@@ -117,6 +118,31 @@ BAD_REQUESTS: list[tuple[str, dict, str]] = [
     ("negative temperature", {"prompt": "hi", "max_tokens": 2, "temperature": -1}, "4xx"),
     ("wrong type for prompt", {"prompt": {"x": 1}, "max_tokens": 2}, "4xx"),
 ]
+
+
+def error_message(r: requests.Response) -> str:
+    """The message of an error response: OpenAI style {"error": {"message"}}, {"message"} or FastAPI's {"detail"}."""
+    try:
+        body = r.json()
+    except ValueError:
+        return ""
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or "")
+    return str(body.get("message") or body.get("detail") or err or "") if isinstance(body, dict) else ""
+
+
+def check_bad_request(server: Server, name: str, body: dict, outcome: str) -> None:
+    """The server answers a `BAD_REQUESTS` entry as promised and still serves a normal request afterwards."""
+    r = post_raw(server, body)
+    if outcome == "4xx":
+        assert 400 <= r.status_code < 500, f"{name}: expected a 4xx, got {r.status_code}: {r.text[:200]}"
+        assert error_message(r), f"{name}: a 4xx must carry a message: {r.text[:200]}"
+    elif outcome == "ok":
+        assert r.status_code == 200, f"{name}: expected an answer, got {r.status_code}: {r.text[:200]}"
+    else:
+        assert r.status_code == 200 or 400 <= r.status_code < 500, f"{name}: got {r.status_code}: {r.text[:200]}"
+    assert server.complete(prompt="still there?", max_tokens=2).status_code == 200, f"server died after: {name}"
 
 
 def post_raw(server: Server, body: dict) -> requests.Response:

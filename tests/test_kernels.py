@@ -21,10 +21,11 @@ import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from cognica_kernels import attention as attn_ops  # noqa: E402
-from cognica_kernels import relu2 as relu2_ops  # noqa: E402
 from triton.language import standard as tl_standard  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from cognica_kernels import attention as attn_ops  # noqa: E402
+from cognica_kernels import relu2 as relu2_ops  # noqa: E402
 
 if not ON_GPU and not isinstance(relu2_ops._relu2_kernel, InterpretedFunction):
     # another test module imported the kernels before the variable was set: define them again, interpreted

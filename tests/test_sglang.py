@@ -14,11 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -31,6 +27,14 @@ import sglang  # noqa: E402  (a missing engine is a failure, not a skip)
 
 from cognica.factory import make_checkpoint  # noqa: E402
 from cognica.model import load_reference  # noqa: E402
+from tests.server_utils import (  # noqa: E402
+    BAD_REQUESTS,
+    check_bad_request,
+    disconnect_mid_stream,
+    free_port,
+    serve,
+    soak,
+)
 
 BOS = 32759
 CONTEXT = 1024
@@ -211,6 +215,26 @@ def test_radix_hit_on_a_finished_request_continues_decode(fp32, ref):
     check_parity(ref, resumed, out, "decode past the S window after a radix hit")
 
 
+def test_bits_per_byte_matches_reference(fp32, ckpt):
+    """`cognica bpb --engine sglang` scores text like the reference, to 1e-3 bits per byte."""
+    import inspect
+
+    from cognica.bpb import WINDOW_MARGIN, bits_per_byte, reference_logprobs, split_windows
+    from cognica.tokenizer import train_factory_encoding
+    from cognica_sglang.bpb import prompt_logprobs
+
+    enc = train_factory_encoding(0)  # the tiny checkpoint here is written without tokenizer files
+    ids = [BOS] + enc.encode_ordinary(inspect.getsource(inspect)[:6000])
+    windows = split_windows(ids, CONTEXT - WINDOW_MARGIN)
+    assert len(windows) >= 2, "the text should span more than one context window"
+    targets = [t for w in windows for t in w[1:]]
+    token_bytes = torch.tensor([len(enc.decode_single_token_bytes(i)) if i < BOS else 0 for i in range(32768)])
+    ref_bpb = bits_per_byte(targets, [x for lp in reference_logprobs(ckpt, windows) for x in lp], token_bytes)
+    got = bits_per_byte(targets, [x for lp in prompt_logprobs(str(ckpt), windows, engine=fp32) for x in lp],
+                        token_bytes)
+    assert abs(got - ref_bpb) < 1e-3, f"SGLang bpb {got:.6f} vs reference {ref_bpb:.6f}"
+
+
 def test_bf16_stays_within_calibrated_tolerance_of_bf16_reference(engines, ckpt):
     engine = engines.get("bf16", dtype="bfloat16")
     ref16 = load_reference(ckpt, dtype=torch.bfloat16)
@@ -244,12 +268,6 @@ def test_tensor_parallel_2_matches_reference(engines, ref):
 # ---- server ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, engines):
     engines.close()
@@ -259,39 +277,13 @@ def server(tmp_path_factory, engines):
                                 progress=False)
     convert_tokenizer(model_dir)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "SGLANG_EXTERNAL_MODEL_PACKAGE"}  # the entry point alone
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
            "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192"]
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, f"server exited early:\n{tail(log)}"
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"server not healthy in 300 s:\n{tail(log)}")
-        yield url, model_dir
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-def tail(log, n: int = 4000) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()[-n:]
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    # no SGLANG_EXTERNAL_MODEL_PACKAGE: the server must find the model through the entry point alone
+    with serve(cmd, "default", port, log, unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=300) as s:
+        yield s
 
 
 def completions(url: str, **body) -> requests.Response:
@@ -299,7 +291,7 @@ def completions(url: str, **body) -> requests.Response:
 
 
 def test_server_streams_completions_with_logprobs_matching_reference(server, ref):
-    url, _ = server
+    url = server.url
     prompt = random_prompt(200, seed=71)
     body = {"prompt": prompt, "max_tokens": 12, "logprobs": 1, "stream": True}
     r = requests.post(f"{url}/v1/completions", json={"model": "default", "temperature": 0, **body}, stream=True,
@@ -318,7 +310,7 @@ def test_server_streams_completions_with_logprobs_matching_reference(server, ref
 
 
 def test_server_prepends_bos_to_text_prompts(server):
-    url, _ = server
+    url = server.url
     r = requests.post(f"{url}/generate", json={"text": "Hello world", "sampling_params": greedy(1),
                                                 "return_logprob": True, "logprob_start_len": 0}, timeout=120)
     assert r.status_code == 200, r.text
@@ -327,7 +319,7 @@ def test_server_prepends_bos_to_text_prompts(server):
 
 
 def test_server_stop_string_truncates_completion(server):
-    url, _ = server
+    url = server.url
     full = completions(url, prompt="The quick brown fox", max_tokens=16).json()["choices"][0]["text"]
     assert len(full) > 6, f"need some generated text to pick a stop string from, got {full!r}"
     stop = full[len(full) // 2: len(full) // 2 + 2]
@@ -337,9 +329,41 @@ def test_server_stop_string_truncates_completion(server):
 
 
 def test_server_rejects_overlong_prompt_with_400_and_keeps_serving(server):
-    url, _ = server
+    url = server.url
     r = completions(url, prompt=random_prompt(CONTEXT + 50, seed=81), max_tokens=4)
     assert r.status_code == 400, f"an over-long prompt should be a client error, got {r.status_code}: {r.text}"
     assert "length" in r.text.lower() or "context" in r.text.lower(), f"the error should say why: {r.text}"
     ok = completions(url, prompt=random_prompt(20, seed=82), max_tokens=4)
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None, "server stopped serving"
+
+
+@pytest.mark.parametrize("name,body,outcome", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_server_bad_request_gets_clear_answer_and_keeps_serving(server, name, body, outcome):
+    check_bad_request(server, name, body, outcome)
+
+
+def test_server_survives_client_disconnect_mid_stream(server):
+    disconnect_mid_stream(server, "Tell me a long story")
+    assert server.complete(prompt="after the disconnect", max_tokens=2).status_code == 200
+
+
+def test_server_short_soak_every_answer_equals_the_request_alone(server):
+    prompts = ["Hi", "A short one.", "word " * 300, "The quick brown fox " * 40, "x" * 700, "Numbers: 123 456"]
+    stats = soak(server, prompts, n_requests=24, concurrency=8, max_tokens=8, deadline_s=600)
+    assert stats["failures"] == 0 and stats["answered"] == 24, f"unanswered requests: {stats}"
+    assert not stats["mismatches"], f"batched greedy answers differ from the same request alone: {stats}"
+
+
+
+def test_triton_attention_and_relu2_are_chosen_on_cuda_extend_only(monkeypatch):
+    """The dispatch the model runs: Triton SSSL attention for CUDA extend batches, RadixAttention otherwise."""
+    from cognica_sglang.attention import use_triton_attention
+
+    extend = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True))
+    decode = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False))
+    monkeypatch.setenv("COGNICA_KERNELS", "triton")
+    assert use_triton_attention(True, extend), "CUDA prefill/extend should take the Triton kernel"
+    assert not use_triton_attention(True, decode), "decode stays on the (CUDA-graph captured) backend"
+    assert not use_triton_attention(False, extend), "CPU runs RadixAttention"
+    monkeypatch.setenv("COGNICA_KERNELS", "engine")
+    assert not use_triton_attention(True, extend), "COGNICA_KERNELS=engine opts out"

@@ -119,14 +119,16 @@ def test_tensor_parallel_2_equals_tp_1(tiny_ckpt, llm32):
     assert json.loads(line[len("TOKENS="):]) == tp1, "TP=2 greedy tokens differ from TP=1"
 
 
-def test_triton_attention_is_chosen_on_cuda_only():
+def test_triton_attention_is_chosen_on_cuda_only(monkeypatch):
     """The dispatch the model runs at init: Triton SSSL attention for CUDA + FLASH_ATTN unless opted out."""
     from cognica_vllm.attention import use_cognica_attention
 
-    assert use_cognica_attention("FLASH_ATTN", is_cuda=True, env="triton")
-    assert not use_cognica_attention("FLASH_ATTN", is_cuda=True, env="engine"), "COGNICA_KERNELS=engine opts out"
-    assert not use_cognica_attention("CPU_ATTN", is_cuda=False, env="triton"), "CPU uses vLLM's attention"
-    assert not use_cognica_attention("FLASHINFER", is_cuda=True, env="triton"), "unknown cache layouts fall back"
+    monkeypatch.setenv("COGNICA_KERNELS", "triton")
+    assert use_cognica_attention("FLASH_ATTN", is_cuda=True)
+    assert not use_cognica_attention("CPU_ATTN", is_cuda=False), "CPU uses vLLM's attention"
+    assert not use_cognica_attention("FLASHINFER", is_cuda=True), "unknown cache layouts fall back"
+    monkeypatch.setenv("COGNICA_KERNELS", "engine")
+    assert not use_cognica_attention("FLASH_ATTN", is_cuda=True), "COGNICA_KERNELS=engine opts out"
 
 
 def test_bf16_eager_engine_within_calibrated_tolerance(tiny_ckpt, llm32, ref32):
@@ -146,11 +148,11 @@ def test_bits_per_byte_matches_reference(tiny_ckpt, llm32):
     """`cognica bpb --engine vllm` scores text like the reference, to 1e-3 bits per byte."""
     import inspect
 
-    from cognica.bpb import bits_per_byte, encode_text, reference_logprobs, split_windows
+    from cognica.bpb import WINDOW_MARGIN, bits_per_byte, encode_text, reference_logprobs, split_windows
     from cognica_vllm.bpb import prompt_logprobs
 
     text = inspect.getsource(inspect)[:6000]  # ~1.5k tokens: two 1024-token windows
-    windows = split_windows(encode_text(tiny_ckpt, text), 1024)
+    windows = split_windows(encode_text(tiny_ckpt, text), 1024 - WINDOW_MARGIN)
     assert len(windows) >= 2, "the text should span more than one context window"
     targets = [t for w in windows for t in w[1:]]
     token_bytes = torch.load(tiny_ckpt / "token_bytes.pt", weights_only=True)
