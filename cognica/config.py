@@ -210,6 +210,9 @@ class CognicaConfig:
             "hidden_size": self.n_embd,
             "max_position_embeddings": self.sequence_len,
             "torch_dtype": "bfloat16",
+            # as the published config carries it: remote code we never run (no trust_remote_code needed)
+            "auto_map": {"AutoConfig": "configuration_cognica_poe.CognicaPoEConfig",
+                         "AutoModelForCausalLM": "modeling_cognica_poe.CognicaPoEForCausalLM"},
         }
 
 

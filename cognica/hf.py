@@ -10,6 +10,7 @@ per-layer windows, and SGLang's hybrid sliding-window fields derived from `windo
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -58,6 +59,18 @@ class CognicaPoEConfig(PretrainedConfig):
         self.hybrid_layer_pattern = [int(s) for s in cfg.is_sliding]
         self.is_hybrid_swa = any(cfg.is_sliding)
         self.window_left = list(cfg.window_left)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CognicaPoEConfig:
+        """AutoConfig's entry (vLLM and SGLang load the config through it in their first process): for a local
+        checkpoint directory, validate the whole checkpoint here, before any engine allocates memory, so a bad
+        tensor, file or field fails fast with one specific message."""
+        path = kwargs.get("name_or_path")
+        if path and os.path.isfile(os.path.join(path, "config.json")):
+            from cognica.checkpoint import open_checkpoint
+
+            open_checkpoint(path)
+        return super().from_dict(config_dict, **kwargs)
 
     def to_cognica(self) -> CognicaConfig:
         return CognicaConfig.from_dict(

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,3 +191,24 @@ def soak(server: Server, prompts: list[str], n_requests: int, concurrency: int, 
     return {"requests": n_requests, "concurrency": concurrency, "answered": len(answers), "failures": failures,
             "mismatches": mismatches, "max_latency_s": max(latencies, default=0.0), "wall_s": time.time() - start,
             "rss_before_mib": rss0, "rss_after_mib": server.rss_mib()}
+
+
+# Variants of tests/test_bad_checkpoints.py that an engine start must refuse. The tokenizer.pkl variants are not
+# here: engines never read tokenizer.pkl (it is converted once, beforehand, by `cognica convert-tokenizer`).
+ENGINE_START_VARIANTS = (
+    "missing_tensor", "unknown_tensor", "wrong_shape", "int32_dtype", "nan_scalar", "truncated_file",
+    "header_wrong_span", "empty_file", "config_missing_field", "config_heads_vs_width", "config_window_letter",
+    "config_window_too_long", "vocab_mismatch", "symlink_escape", "sharded_and_single",
+)
+
+
+def engine_start_errors(engine: str, dirs: dict[str, Path], env: dict[str, str] | None = None,
+                        timeout: float = 900) -> dict[str, dict]:
+    """Start `engine` on each directory in one subprocess; return {variant: {"error", "seconds"}}."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.engine_start_driver", engine, json.dumps({k: str(v) for k, v in dirs.items()})],
+        capture_output=True, text=True, cwd=root, timeout=timeout, env={**os.environ, **(env or {})})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS=")), None)
+    assert line is not None, f"engine-start driver crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(line[len("RESULTS="):])

@@ -29,8 +29,10 @@ from cognica.factory import make_checkpoint  # noqa: E402
 from cognica.model import load_reference  # noqa: E402
 from tests.server_utils import (  # noqa: E402
     BAD_REQUESTS,
+    ENGINE_START_VARIANTS,
     check_bad_request,
     disconnect_mid_stream,
+    engine_start_errors,
     free_port,
     serve,
     soak,
@@ -367,3 +369,19 @@ def test_triton_attention_and_relu2_are_chosen_on_cuda_extend_only(monkeypatch):
     assert not use_triton_attention(False, extend), "CPU runs RadixAttention"
     monkeypatch.setenv("COGNICA_KERNELS", "engine")
     assert not use_triton_attention(True, extend), "COGNICA_KERNELS=engine opts out"
+
+
+def test_engine_start_on_bad_checkpoints_fails_fast_naming_the_problem(tmp_path_factory):
+    """Every broken checkpoint of the corpus stops `sglang.Engine(...)` in its first process, before a scheduler or
+    KV pool exists, with the same specific message `cognica inspect` gives."""
+    from tests.test_bad_checkpoints import VARIANTS, build_variant
+
+    corpus = tmp_path_factory.mktemp("bad_corpus_sglang")
+    make_checkpoint(corpus / "base", preset="tiny", seed=0, progress=False)
+    dirs = {name: build_variant(corpus, name)[0] for name in ENGINE_START_VARIANTS}
+    results = engine_start_errors("sglang", dirs)
+    for name in ENGINE_START_VARIANTS:
+        got = results.get(name)
+        assert got and got["error"], f"{name}: SGLang started on a broken checkpoint (or never tried): {got}"
+        assert VARIANTS[name][1] in got["error"], f"{name}: the error does not name the problem: {got['error'][:500]}"
+        assert got["seconds"] < 120, f"{name}: took {got['seconds']:.0f} s to fail"

@@ -1,0 +1,33 @@
+"""Try to start an engine on each of several checkpoint directories and print, as JSON, how each failed.
+
+A separate process (not a pytest test): engines need a `__main__` guard and must not share the test process.
+Used by the bad-checkpoint engine-start tests of tests/test_vllm_server.py and tests/test_sglang.py.
+    python -m tests.engine_start_driver vllm|sglang '{"variant": "/path/to/ckpt", ...}'
+"""
+
+import json
+import sys
+import time
+
+if __name__ == "__main__":
+    engine, dirs = sys.argv[1], json.loads(sys.argv[2])
+    __import__("vllm" if engine == "vllm" else "sglang")  # the engine import is not part of failing fast
+    results = {}
+    for name, model in dirs.items():
+        start = time.time()
+        try:
+            if engine == "vllm":
+                from vllm import LLM
+
+                LLM(model=model, skip_tokenizer_init=True, max_model_len=1024, gpu_memory_utilization=0.3)
+            else:
+                import sglang
+
+                sglang.Engine(model_path=model, device="cpu", attention_backend="torch_native",
+                              skip_tokenizer_init=True, disable_cuda_graph=True, skip_server_warmup=True,
+                              max_total_tokens=4096, log_level="error")
+            results[name] = {"error": None, "seconds": time.time() - start}
+            break  # an engine that started holds the machine: stop here, the test fails on this entry
+        except Exception as e:  # the test asserts on the message
+            results[name] = {"error": f"{type(e).__name__}: {e}", "seconds": time.time() - start}
+    print("RESULTS=" + json.dumps(results), flush=True)
