@@ -30,6 +30,24 @@ def _hybrid_swa_override(server_args: Any, hf_config: Any) -> dict:
     return {}
 
 
+def _refuse_requests_that_crash_the_scheduler(manager: Any, obj: Any, input_ids: list[int], *args: Any,
+                                              **kwargs: Any) -> None:
+    """BEFORE hook on TokenizerManager._validate_one_request (SGLang's plugin HookRegistry). SGLang 0.5.23 range-checks
+    neither prompt token ids (an id >= vocab_size crashes the scheduler in the embedding lookup) nor the number of
+    top logprobs (more than the vocab crashes `topk`). A ValueError here becomes a 400 and the server keeps serving."""
+    cfg = manager.model_config
+    if getattr(cfg.hf_config, "model_type", None) != "cognica_poe":
+        return None
+    bad = next((t for t in input_ids or () if not isinstance(t, int) or t < 0 or t >= cfg.vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad!r} is out of range: valid ids are 0..{cfg.vocab_size - 1}")
+    top = getattr(obj, "top_logprobs_num", None)
+    for n in top if isinstance(top, list) else [top]:
+        if isinstance(n, int) and n > cfg.vocab_size:
+            raise ValueError(f"logprobs={n} asks for more alternatives than the {cfg.vocab_size}-token vocabulary")
+    return None
+
+
 def register() -> None:
     """Register the config, the model classes and the CPU override with SGLang (idempotent)."""
     from cognica.hf import register as register_config
@@ -37,6 +55,7 @@ def register() -> None:
     register_config()  # config, reference model and the BOS-once tokenizer class: no remote code
     from sglang.srt.arg_groups.model_override_base import _MODEL_OVERRIDE_FNS, register_model_override
     from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from cognica_sglang.model import EntryClass
 
@@ -44,3 +63,6 @@ def register() -> None:
         ModelRegistry.models.setdefault(cls.__name__, cls)
         if _hybrid_swa_override not in _MODEL_OVERRIDE_FNS.get(cls.__name__, ()):
             register_model_override(cls.__name__)(_hybrid_swa_override)
+    target = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+    if not any(fn is _refuse_requests_that_crash_the_scheduler for _, fn, *_ in HookRegistry._hooks.get(target, [])):
+        HookRegistry.register(target, _refuse_requests_that_crash_the_scheduler, HookType.BEFORE)
