@@ -212,3 +212,35 @@ def engine_start_errors(engine: str, dirs: dict[str, Path], env: dict[str, str] 
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS=")), None)
     assert line is not None, f"engine-start driver crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(line[len("RESULTS="):])
+
+
+def check_engine_refuses_bad_checkpoints(engine: str, corpus: Path, env: dict[str, str] | None = None) -> None:
+    """Every ENGINE_START_VARIANTS checkpoint stops the engine in its first process, before any engine process or
+    KV cache exists, with the message `cognica inspect` gives for it."""
+    from cognica.factory import make_checkpoint
+    from tests.test_bad_checkpoints import VARIANTS, build_variant
+
+    make_checkpoint(corpus / "base", preset="tiny", seed=0, progress=False)
+    dirs = {name: build_variant(corpus, name)[0] for name in ENGINE_START_VARIANTS}
+    results = engine_start_errors(engine, dirs, env)
+    for name in ENGINE_START_VARIANTS:
+        got = results.get(name)
+        assert got and got["error"], f"{name}: {engine} started on a broken checkpoint (or never tried): {got}"
+        assert VARIANTS[name][1] in got["error"], f"{name}: the error does not name the problem: {got['error'][:500]}"
+        assert got["seconds"] < 120, f"{name}: took {got['seconds']:.0f} s to fail"
+
+
+def check_survives_disconnect(server: Server) -> None:
+    disconnect_mid_stream(server, "Tell me a long story")
+    assert server.complete(prompt="after the disconnect", max_tokens=2).status_code == 200, "server died"
+
+
+SHORT_SOAK_PROMPTS = ["Hi", "A short one.", "word " * 300, "The quick brown fox " * 40, "x" * 700, "Numbers: 123 456"]
+
+
+def check_short_soak(server: Server) -> None:
+    """24 greedy requests, 8 concurrent, half streamed, some past the window: all answered, each equal to the same
+    request alone."""
+    stats = soak(server, SHORT_SOAK_PROMPTS, n_requests=24, concurrency=8, max_tokens=8, deadline_s=600)
+    assert stats["failures"] == 0 and stats["answered"] == 24, f"unanswered requests: {stats}"
+    assert not stats["mismatches"], f"batched greedy answers differ from the same request alone: {stats}"

@@ -29,13 +29,12 @@ from cognica.factory import make_checkpoint  # noqa: E402
 from cognica.model import load_reference  # noqa: E402
 from tests.server_utils import (  # noqa: E402
     BAD_REQUESTS,
-    ENGINE_START_VARIANTS,
     check_bad_request,
-    disconnect_mid_stream,
-    engine_start_errors,
+    check_engine_refuses_bad_checkpoints,
+    check_short_soak,
+    check_survives_disconnect,
     free_port,
     serve,
-    soak,
 )
 
 BOS = 32759
@@ -345,15 +344,11 @@ def test_server_bad_request_gets_clear_answer_and_keeps_serving(server, name, bo
 
 
 def test_server_survives_client_disconnect_mid_stream(server):
-    disconnect_mid_stream(server, "Tell me a long story")
-    assert server.complete(prompt="after the disconnect", max_tokens=2).status_code == 200
+    check_survives_disconnect(server)
 
 
 def test_server_short_soak_every_answer_equals_the_request_alone(server):
-    prompts = ["Hi", "A short one.", "word " * 300, "The quick brown fox " * 40, "x" * 700, "Numbers: 123 456"]
-    stats = soak(server, prompts, n_requests=24, concurrency=8, max_tokens=8, deadline_s=600)
-    assert stats["failures"] == 0 and stats["answered"] == 24, f"unanswered requests: {stats}"
-    assert not stats["mismatches"], f"batched greedy answers differ from the same request alone: {stats}"
+    check_short_soak(server)
 
 
 
@@ -372,16 +367,5 @@ def test_triton_attention_and_relu2_are_chosen_on_cuda_extend_only(monkeypatch):
 
 
 def test_engine_start_on_bad_checkpoints_fails_fast_naming_the_problem(tmp_path_factory):
-    """Every broken checkpoint of the corpus stops `sglang.Engine(...)` in its first process, before a scheduler or
-    KV pool exists, with the same specific message `cognica inspect` gives."""
-    from tests.test_bad_checkpoints import VARIANTS, build_variant
-
-    corpus = tmp_path_factory.mktemp("bad_corpus_sglang")
-    make_checkpoint(corpus / "base", preset="tiny", seed=0, progress=False)
-    dirs = {name: build_variant(corpus, name)[0] for name in ENGINE_START_VARIANTS}
-    results = engine_start_errors("sglang", dirs)
-    for name in ENGINE_START_VARIANTS:
-        got = results.get(name)
-        assert got and got["error"], f"{name}: SGLang started on a broken checkpoint (or never tried): {got}"
-        assert VARIANTS[name][1] in got["error"], f"{name}: the error does not name the problem: {got['error'][:500]}"
-        assert got["seconds"] < 120, f"{name}: took {got['seconds']:.0f} s to fail"
+    """Every broken checkpoint of the corpus stops the engine in its first process with `cognica inspect`'s message."""
+    check_engine_refuses_bad_checkpoints("sglang", tmp_path_factory.mktemp("bad_corpus_sglang"))

@@ -10,18 +10,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cognica.factory import make_checkpoint
 from cognica.hf import register
 from cognica.model import load_reference
 from tests.server_utils import (
     BAD_REQUESTS,
-    ENGINE_START_VARIANTS,
     check_bad_request,
-    disconnect_mid_stream,
-    engine_start_errors,
+    check_engine_refuses_bad_checkpoints,
+    check_short_soak,
+    check_survives_disconnect,
     free_port,
     serve,
-    soak,
     stream_text,
 )
 from tests.utils import assert_fp32_parity
@@ -105,28 +103,14 @@ def test_bad_request_gets_clear_answer_and_server_keeps_serving(server, name, bo
 
 
 def test_client_disconnect_mid_stream_leaves_server_serving(server):
-    disconnect_mid_stream(server, "Tell me a long story")
-    assert server.complete(prompt="after the disconnect", max_tokens=2).status_code == 200
+    check_survives_disconnect(server)
 
 
 def test_short_soak_every_answer_equals_the_request_alone(server):
-    prompts = ["Hi", "A short one.", "word " * 300, "The quick brown fox " * 40, "x" * 700, "Numbers: 123 456"]
-    stats = soak(server, prompts, n_requests=24, concurrency=8, max_tokens=8, deadline_s=600)
-    assert stats["failures"] == 0 and stats["answered"] == 24, f"unanswered requests: {stats}"
-    assert not stats["mismatches"], f"batched greedy answers differ from the same request alone: {stats}"
+    check_short_soak(server)
 
 
 def test_engine_start_on_bad_checkpoints_fails_fast_naming_the_problem(tmp_path_factory):
-    """Every broken checkpoint of the corpus stops `vllm.LLM(...)` in its first process, before an engine core or
-    KV cache exists, with the same specific message `cognica inspect` gives."""
-    from tests.test_bad_checkpoints import VARIANTS, build_variant
-
+    """Every broken checkpoint of the corpus stops the engine in its first process with `cognica inspect`'s message."""
     corpus = tmp_path_factory.mktemp("bad_corpus_vllm")
-    make_checkpoint(corpus / "base", preset="tiny", seed=0, progress=False)
-    dirs = {name: build_variant(corpus, name)[0] for name in ENGINE_START_VARIANTS}
-    results = engine_start_errors("vllm", dirs, {"VLLM_CPU_KVCACHE_SPACE": "1"})
-    for name in ENGINE_START_VARIANTS:
-        got = results.get(name)
-        assert got and got["error"], f"{name}: vLLM started on a broken checkpoint (or never tried): {got}"
-        assert VARIANTS[name][1] in got["error"], f"{name}: the error does not name the problem: {got['error'][:500]}"
-        assert got["seconds"] < 120, f"{name}: took {got['seconds']:.0f} s to fail"
+    check_engine_refuses_bad_checkpoints("vllm", corpus, {"VLLM_CPU_KVCACHE_SPACE": "1"})
