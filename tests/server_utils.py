@@ -208,7 +208,8 @@ def engine_start_errors(engine: str, dirs: dict[str, Path], env: dict[str, str] 
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
         [sys.executable, "-m", "tests.engine_start_driver", engine, json.dumps({k: str(v) for k, v in dirs.items()})],
-        capture_output=True, text=True, cwd=root, timeout=timeout, env={**os.environ, **(env or {})})
+        capture_output=True, text=True, cwd=root, timeout=timeout, env={**os.environ, **(env or {})},
+        start_new_session=True)  # an engine's shutdown may signal its process group: keep pytest out of it
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS=")), None)
     assert line is not None, f"engine-start driver crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(line[len("RESULTS="):])

@@ -113,7 +113,8 @@ def test_tensor_parallel_2_equals_tp_1(tiny_ckpt, llm32):
     tp1 = [tokens for tokens, _, _ in run(llm32, prompts, n=16)]
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     proc = subprocess.run([sys.executable, "-m", "tests.vllm_tp_driver", str(tiny_ckpt), "2", json.dumps(prompts)],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).parent.parent)
+                          capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).parent.parent,
+                          start_new_session=True)  # vLLM's shutdown signals its process group: not ours
     line = next((x for x in proc.stdout.splitlines() if x.startswith("TOKENS=")), None)
     assert line is not None, f"TP=2 run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     assert json.loads(line[len("TOKENS="):]) == tp1, "TP=2 greedy tokens differ from TP=1"
