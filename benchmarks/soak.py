@@ -32,13 +32,13 @@ PROMPTS = [
 ]
 
 
-def server_cmd(engine: str, model: Path, port: int) -> tuple[list[str], dict[str, str]]:
+def server_cmd(engine: str, model: Path, port: int, dtype: str) -> tuple[list[str], dict[str, str]]:
     if engine == "vllm":
         return ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host",
                  "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--gpu-memory-utilization", "0.3",
-                 "--max-num-seqs", "16"], {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"})
+                 "--max-num-seqs", "16", "--dtype", dtype], {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"})
     return ([sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
-             "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port),
+             "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
              "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "32768"],
             {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ROOT / "tests" / "sgl_stub")})
 
@@ -51,29 +51,32 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--preset", default="small", help="factory checkpoint preset (context 2048, S window 512)")
     ap.add_argument("--deadline", type=float, default=1800, help="seconds for the whole soak")
+    ap.add_argument("--dtype", default="float32",
+                    help="float32 (default) makes greedy answers batch-invariant, so 'equal to the request alone' is "
+                         "exact; bf16 GEMMs round differently at different batch sizes and can flip near-ties")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model = make_checkpoint(Path(tmp) / args.preset, preset=args.preset, seed=0)
         convert_tokenizer(model)
         port = free_port()
-        cmd, env = server_cmd(args.engine, model, port)
+        cmd, env = server_cmd(args.engine, model, port, args.dtype)
         print(f"[soak] starting {args.engine} server on 127.0.0.1:{port}", flush=True)
         with serve(cmd, "default" if args.engine == "sglang" else str(model), port, Path(tmp) / "server.log",
                    env) as server:
             print(f"[soak] {args.requests} requests, {args.concurrency} concurrent, max_tokens {args.max_tokens}",
                   flush=True)
             stats = soak(server, PROMPTS, args.requests, args.concurrency, args.max_tokens, args.deadline)
-    stats.update(engine=args.engine, preset=args.preset, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    stats.update(engine=args.engine, preset=args.preset, dtype=args.dtype, date=time.strftime("%Y-%m-%d %H:%M:%S"),
                  machine=f"{platform.machine()} {platform.processor()} cores={__import__('os').cpu_count()}",
                  commit=subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                        capture_output=True, text=True).stdout.strip())
     stats["mismatches"] = len(stats["mismatches"])
-    print("| engine | requests | concurrency | answered | failures | greedy mismatches | max latency s | wall s "
-          "| RSS before MiB | RSS after MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {args.engine} | {stats['requests']} | {stats['concurrency']} | {stats['answered']} | {stats['failures']}"
-          f" | {stats['mismatches']} | {stats['max_latency_s']:.1f} | {stats['wall_s']:.0f}"
+    print("| engine | dtype | requests | concurrency | answered | failures | greedy mismatches | max latency s "
+          "| wall s | RSS before MiB | RSS after MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {args.engine} | {args.dtype} | {stats['requests']} | {stats['concurrency']} | {stats['answered']}"
+          f" | {stats['failures']} | {stats['mismatches']} | {stats['max_latency_s']:.1f} | {stats['wall_s']:.0f}"
           f" | {stats['rss_before_mib']:.0f} | {stats['rss_after_mib']:.0f} |")
     out = ROOT / "benchmarks" / "results" / "soak.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
