@@ -17,7 +17,7 @@ from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from cognica_kernels import engine_uses_triton
-from cognica_vllm.smear import layer_metadata, split_graph_at
+from cognica_vllm.smear import layer_cache, layer_metadata, split_graph_at
 
 OP_NAME = "vllm.cognica_paged_attention"
 SUPPORTED_BACKENDS = ("FLASH_ATTN",)  # KV layout [num_blocks, num_kv_heads, block_size, 2 * head_size]
@@ -41,12 +41,10 @@ def cognica_paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if meta is None:  # profiling / dummy run
         output.zero_()
         return
-    attn = ctx.no_compile_layers[layer_name]
-    kv_cache = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
+    attn, kv_cache, slot_mapping = layer_cache(ctx, layer_name, meta)
     hd = attn.head_size
     q, k, v = q.view(-1, attn.num_heads, hd), k.view(-1, attn.num_kv_heads, hd), v.view(-1, attn.num_kv_heads, hd)
-    slot_mapping = ctx.slot_mapping.get(layer_name) if isinstance(ctx.slot_mapping, dict) else None
-    attn.impl.do_kv_cache_update(attn, k, v, kv_cache, meta.slot_mapping if slot_mapping is None else slot_mapping)
+    attn.impl.do_kv_cache_update(attn, k, v, kv_cache, slot_mapping)
     key_cache, value_cache = kv_cache.transpose(1, 2).split(hd, dim=-1)  # each [blocks, block_size, heads, hd]
     n = meta.num_actual_tokens
     out = paged_attention(q[:n], key_cache, value_cache, meta.block_table, meta.seq_lens, meta.query_start_loc,

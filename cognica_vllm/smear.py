@@ -68,6 +68,15 @@ def layer_metadata(attn_metadata, layer_name: str):
     return attn_metadata
 
 
+def layer_cache(ctx, layer_name: str, meta) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """One attention layer's module, bound KV cache and this step's slot mapping (the forward context's per-layer
+    mapping where there is one, else the metadata's)."""
+    attn = ctx.no_compile_layers[layer_name]
+    kv_cache = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
+    slot_mapping = ctx.slot_mapping.get(layer_name) if isinstance(ctx.slot_mapping, dict) else None
+    return attn, kv_cache, meta.slot_mapping if slot_mapping is None else slot_mapping
+
+
 def smear_prev_ids_impl(input_ids: torch.Tensor, positions: torch.Tensor, state_name: str) -> torch.Tensor:
     ctx = get_forward_context()
     prev = torch.full_like(input_ids, -1)
@@ -75,16 +84,12 @@ def smear_prev_ids_impl(input_ids: torch.Tensor, positions: torch.Tensor, state_
     meta = layer_metadata(ctx.attn_metadata, state.attn_layer_name)
     if meta is None:  # profiling / dummy run: no KV cache yet, nothing to remember
         return prev
-    attn = ctx.no_compile_layers[state.attn_layer_name]
-    kv_cache = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
+    attn, kv_cache, slot_mapping = layer_cache(ctx, state.attn_layer_name, meta)
     if kv_cache.numel() == 0:
         return prev
     slots = state.buffer(kv_cache, attn.num_kv_heads, attn.head_size)
     scratch = slots.numel() - 1
     n = meta.num_actual_tokens
-    slot_mapping = ctx.slot_mapping.get(state.attn_layer_name) if isinstance(ctx.slot_mapping, dict) else None
-    if slot_mapping is None:
-        slot_mapping = meta.slot_mapping
     write = slot_mapping[:n].long()
     slots[torch.where(write < 0, scratch, write)] = input_ids[:n].to(torch.int32)
     # slot of position p-1 of the same sequence, through the full layer's block table
