@@ -7,7 +7,8 @@ and against each engine's in-tree Llama of the same width/depth/heads/context/vo
 
 Engines (one at a time, each in its own process and venv, every process group killed on exit):
   (a) vLLM + cognica_vllm   (b) SGLang + cognica_sglang   (c) cognica.model.CognicaGPT.generate (eager, bf16)
-  (d) vLLM in-tree Llama    (e) SGLang in-tree Llama      (k) vLLM with window_pattern forced to "L" (capacity)
+  (d) vLLM in-tree Llama    (e) SGLang in-tree Llama      (k, f) vLLM KV capacity: SSSL windows / all layers full
+  (g, h) optional: (a) / (b) with COGNICA_CPU_LINEAR=off, the same bf16 GEMMs as the in-tree Llama
 Checkpoints are generated once under benchmarks/.cache/ (random weights: speed does not depend on their values).
 Results: a markdown table on stdout, one JSON line appended to benchmarks/results/serve.jsonl.
 """
@@ -55,6 +56,12 @@ ENGINES = {  # key: (title, python, worker, model dir key, extra spec)
     "e": ("SGLang in-tree Llama", SGLANG_PY, "_sglang_worker.py", "llama", {"plugin": False}),
     # KV capacity: the same model with its SSSL windows and forced to full attention on every layer; dummy
     # weights, eager, 32-token scheduling chunks (vLLM reserves window - 1 + one chunk + 1 block per S layer).
+    # Optional (not in the default --only): the plugins with COGNICA_CPU_LINEAR=off, i.e. the same bf16 GEMMs as
+    # the in-tree Llama runs, to separate what the model code gains from what the fp32-copy linears gain.
+    "g": ("vLLM + cognica_vllm, COGNICA_CPU_LINEAR=off", VLLM_PY, "_vllm_worker.py", "cognica",
+          {"env": {"COGNICA_CPU_LINEAR": "off"}}),
+    "h": ("SGLang + cognica_sglang, COGNICA_CPU_LINEAR=off", SGLANG_PY, "_sglang_worker.py", "cognica",
+          {"plugin": True, "env": {"COGNICA_CPU_LINEAR": "off"}}),
     "k": ("vLLM + cognica_vllm, SSSL windows (capacity)", VLLM_PY, "_vllm_worker.py", "cognica",
           {"dummy": True, "eager": True, "no_workloads": True, "max_batched": CAPACITY_CHUNK}),
     "f": ("vLLM + cognica_vllm, all layers full (window_pattern L; capacity)", VLLM_PY, "_vllm_worker.py", "cognica",
@@ -62,6 +69,7 @@ ENGINES = {  # key: (title, python, worker, model dir key, extra spec)
            "max_batched": CAPACITY_CHUNK}),
 }
 RATIOS = [("a/c", "a", "c"), ("a/d", "a", "d"), ("b/c", "b", "c"), ("b/e", "b", "e")]
+EXTRA_RATIOS = [("g/d", "g", "d"), ("a/g", "a", "g"), ("h/e", "h", "e"), ("b/h", "b", "h")]  # shown when g/h ran
 TARGETS = [  # (what, ratio key, threshold) -- issue #7 part 3, at 16 concurrent sequences
     ("vLLM plugin >= 1.0x in-tree vLLM Llama, 16 seq", "a/d", 1.0),
     ("SGLang plugin >= 1.0x in-tree SGLang Llama, 16 seq", "b/e", 1.0),
@@ -103,7 +111,7 @@ def run_worker(key: str, python: Path, worker: str, spec: dict, timeout: float, 
         return {"error": f"not run: {python} does not exist (bash scripts/setup.sh sets it up)"}
     # No OMP_NUM_THREADS: vLLM binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND=0-1); forcing 2 torch
     # threads made its decode spin-wait ~3x slower when anything else ran on the 2 cores (seen 2026-11-25).
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **spec.get("env", {}))
     if python == SGLANG_PY:
         stub = str(REPO / "tests" / "sgl_stub")
         env["SGLANG_USE_CPU_ENGINE"] = "1"
@@ -198,7 +206,8 @@ def value(engines: dict, key: str, workload: str) -> float | None:
 
 def build_report(engines: dict, workloads, ckpts: dict, kv: dict, wall_s: float, title: str) -> tuple[str, dict,
                                                                                                    list]:
-    ran = [k for k in "acdbe" if k in engines]
+    ran = [k for k in "acgdbhe" if k in engines]
+    shown = RATIOS + [r for r in EXTRA_RATIOS if r[1] in engines or r[2] in engines]
     lines = [f"### {title}", ""]
     cg, ll = ckpts["cognica"], ckpts["llama"]
     lines.append(f"Cognica: {cg['params']:,} params ({cg['streamed_params']:,} read per decode step; the 13 "
@@ -226,14 +235,14 @@ def build_report(engines: dict, workloads, ckpts: dict, kv: dict, wall_s: float,
         lines += ["", *[f"- {e}" for e in errors]]
 
     ratios: dict[str, dict[str, float | None]] = {}
-    lines += ["", "| workload | " + " | ".join(f"{r} " for r, _, _ in RATIOS) + "|", "|---|" + "---|" * len(RATIOS)]
+    lines += ["", "| workload | " + " | ".join(f"{r} " for r, _, _ in shown) + "|", "|---|" + "---|" * len(shown)]
     for w in workloads:
         row = {}
-        for r, x, y in RATIOS:
+        for r, x, y in shown:
             vx, vy = value(engines, x, w.name), value(engines, y, w.name)
             row[r] = vx / vy if vx and vy else None
         ratios[w.name] = row
-        lines.append(f"| {w.name} | " + " | ".join(fmt(row[r]) + "x" if row[r] else "not run" for r, _, _ in RATIOS)
+        lines.append(f"| {w.name} | " + " | ".join(fmt(row[r]) + "x" if row[r] else "not run" for r, _, _ in shown)
                      + " |")
 
     sixteen = next(w.name for w in workloads if w.n_seqs == 16)
@@ -281,7 +290,8 @@ def main() -> int:
                     help="the issue's full workloads (128 new tokens, 8 x 1024 prefill, 1800-token prompt): "
                          "about 1.6 h on 2 cores")
     ap.add_argument("--only", default="a,b,c,d,e,k,f",
-                    help="engines to run, from a,b,c,d,e and k,f (KV capacity with SSSL windows / all full)")
+                    help="engines to run, from a,b,c,d,e and k,f (KV capacity with SSSL windows / all full); "
+                         "g,h: the vLLM / SGLang plugin with COGNICA_CPU_LINEAR=off (not in the default)")
     ap.add_argument("--chunk", type=int, default=256, help="prefill chunk (vLLM max_num_batched_tokens, SGLang "
                     "chunked_prefill_size) for the timed engines")
     ap.add_argument("--kv-gib", type=int, default=2, help="vLLM KV-cache budget (VLLM_CPU_KVCACHE_SPACE)")
@@ -313,7 +323,10 @@ def main() -> int:
     ckpts = json.loads(line[len(RESULT_PREFIX):])
 
     engines: dict[str, dict] = {}
-    order = [k for k in "kfcadbe" if k in only]
+    unknown = sorted(set(only) - set(ENGINES))
+    if unknown:
+        ap.error(f"--only: unknown engine key(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    order = [k for k in "kfcagdbhe" if k in only]
     for n, key in enumerate(order):
         title, python, worker, model, extra = ENGINES[key]
         left = args.budget_min * 60 - (time.time() - t_start)

@@ -20,9 +20,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from sglang.srt.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
+from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -36,6 +43,7 @@ from cognica import hf, layers
 from cognica.checkpoint import canonical_name, expected_tensors, open_checkpoint, padded_vocab
 from cognica.config import ARCHITECTURE_ALIASES, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica_kernels import engine_uses_triton
+from cognica_kernels.cpu_linear import UpcastLinear, min_rows, upcast_wanted
 from cognica_sglang.attention import triton_extend_attention, use_triton_attention
 from cognica_sglang.smear import SlotTokens, unsupported_modes
 
@@ -247,7 +255,46 @@ class CognicaPoEForCausalLM(nn.Module):
         missing = sorted(set(expected) - seen)
         if missing or unknown:
             raise ValueError(f"cognica checkpoint: missing tensors {missing[:8]}, unexpected tensors {unknown[:8]}")
+        self.post_load_weights()
         return set(params)
+
+    def post_load_weights(self) -> None:
+        """After loading (SGLang's dummy loaders call this directly): see `use_upcast_linear`."""
+        use_upcast_linear(self)
+
+
+class UpcastLinearMethod(UnquantizedLinearMethod):
+    """SGLang's unquantized linear whose GEMM is `cognica_kernels.cpu_linear.UpcastLinear` (an fp32 weight copy
+    used from a few rows on), for CPUs without bf16 matrix instructions."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.linear = UpcastLinear(weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear(x, None, bias)
+
+
+def use_upcast_linear(model: nn.Module) -> int:
+    """On a CPU without bf16 matmul (no AVX512-BF16/AMX), SGLang's bf16 linears and lm_head run torch's generic
+    bf16 GEMM (~6x slower than fp32 MKL there): give them `UpcastLinearMethod`. AMX-packed layers are left alone.
+    Called after every (re)load, so a copy always matches the loaded weight. Returns the number of layers."""
+    switched, extra = 0, 0
+    for module in model.modules():
+        method, weight = getattr(module, "quant_method", None), getattr(module, "weight", None)
+        if not isinstance(module, (LinearBase, ParallelLMHead)) or getattr(module, "use_intel_amx_backend", False):
+            continue
+        if type(method) not in (UnquantizedLinearMethod, UnquantizedEmbeddingMethod, UpcastLinearMethod):
+            continue
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not upcast_wanted(weight.dtype, weight.device):
+            continue
+        module.quant_method = UpcastLinearMethod(weight)
+        switched += 1
+        extra += module.quant_method.linear.extra_bytes
+    if switched:
+        logger.info("cognica: %d linear layers take fp32 weight copies from %d rows on (this CPU has no bf16 matmul "
+                    "instructions; +%.2f GiB; COGNICA_CPU_LINEAR=off to disable)", switched, min_rows(), extra / 2**30)
+    return switched
 
 
 def _alias(name: str) -> type[CognicaPoEForCausalLM]:

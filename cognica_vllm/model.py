@@ -24,7 +24,12 @@ from vllm.distributed import (
 )
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
@@ -39,10 +44,11 @@ from cognica.checkpoint import CheckpointError, canonical_name, expected_tensors
 from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica.hf import cognica_config
 from cognica_kernels import engine_uses_triton
+from cognica_kernels.cpu_linear import UpcastLinear, min_rows, upcast_wanted
 from cognica_vllm.attention import cognica_paged_attention, register_splitting, use_cognica_attention
 from cognica_vllm.smear import SmearState, smear_prev_ids
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's log handler prints it
 
 # (fused param, nanochat name, shard id): the only renames; everything else keeps nanochat's name
 STACKED_PARAMS = [("qkv_proj", "c_q", "q"), ("qkv_proj", "c_k", "k"), ("qkv_proj", "c_v", "v")]
@@ -277,6 +283,38 @@ class CognicaPoEForCausalLM(nn.Module, SupportsPP):
         if missing:
             raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
         return loaded
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, after every layer's own CPU GEMM dispatch: see `use_upcast_linear`."""
+        use_upcast_linear(self)
+
+
+def use_upcast_linear(model: nn.Module) -> int:
+    """On a CPU without bf16 matrix instructions, vLLM's bf16 linears fall back to torch's generic bf16 GEMM
+    (~6x slower than fp32 MKL there); point their `cpu_linear` at `cognica_kernels.cpu_linear.UpcastLinear`
+    (an fp32 weight copy used from a few rows on). Layers vLLM gave a packed kernel (oneDNN, zentorch, sgl)
+    keep it: those remove `weight`. Returns the number of layers switched."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return 0
+    switched, extra, dtype = 0, 0, None
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (LinearBase, ParallelLMHead)) or not hasattr(module, "cpu_linear"):
+            continue
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.numel() == 0:
+            continue
+        if not upcast_wanted(weight.dtype, weight.device):
+            continue
+        module.cpu_linear = UpcastLinear(weight)
+        switched, dtype = switched + 1, weight.dtype
+        extra += module.cpu_linear.extra_bytes
+    if switched:
+        logger.info("cognica: %d %s linear layers take fp32 weight copies from %d rows on (this CPU has no bf16 "
+                    "matmul instructions; +%.2f GiB; COGNICA_CPU_LINEAR=off to disable)", switched,
+                    str(dtype).removeprefix("torch."), min_rows(), extra / 2**30)
+    return switched
 
 
 def vllm_name(name: str) -> str:

@@ -1,7 +1,8 @@
 """vLLM plugin parity against the reference model (run in .venv/vllm).
 
 One compiled float32 engine (chunked prefill with 64-token steps, prefix caching on) serves the parity
-scenarios; one eager bf16 engine checks the other mode and dtype. The tiny factory checkpoint has a
+scenarios; one compiled bf16 engine checks the other dtype (with, on a CPU without bf16 matmul, the fp32-copy
+linears of cognica_kernels.cpu_linear); the server tests run the eager path. The tiny factory checkpoint has a
 1024-token context and 256-key S windows, so long prompts cross the window several times.
 """
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from cognica.model import load_reference
+from cognica_kernels.cpu_linear import UpcastLinear, upcast_wanted
 from tests.utils import assert_bf16_close, assert_fp32_parity, bf16_tolerance, random_prompts
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -32,6 +34,10 @@ def engine(model: Path, **kw) -> LLM:
                 max_num_seqs=16)
     args.update(kw)
     return LLM(**args)
+
+
+def count_upcast_linears(model: torch.nn.Module) -> int:
+    return sum(isinstance(getattr(m, "cpu_linear", None), UpcastLinear) for m in model.modules())
 
 
 def greedy(n: int = NEW) -> SamplingParams:
@@ -150,16 +156,19 @@ def test_triton_attention_is_chosen_on_cuda_only(monkeypatch):
     assert not use_cognica_attention("FLASH_ATTN", is_cuda=True), "COGNICA_KERNELS=engine opts out"
 
 
-def test_bf16_eager_engine_within_calibrated_tolerance(tiny_ckpt, llm32, ref32):
+def test_bf16_engine_within_calibrated_tolerance(tiny_ckpt, llm32, ref32):
     # last in this file: tearing a second in-process engine down also tears down vLLM's global parallel state,
     # after which `llm32` fails with "pipeline model parallel group is not initialized"
     ref16 = load_reference(tiny_ckpt, dtype=torch.bfloat16)
     prompts = random_prompts([40, 600], seed=7)
-    llm16 = engine(tiny_ckpt, dtype="bfloat16", enforce_eager=True)
+    llm16 = engine(tiny_ckpt, dtype="bfloat16")  # compiled, as served by default and benchmarked
     try:
+        switched = llm16.apply_model(count_upcast_linears)
+        # 4 layers x (qkv, attn c_proj, c_fc, mlp c_proj) + lm_head, where this CPU lacks bf16 matmul
+        assert switched == [17 if upcast_wanted(torch.bfloat16) else 0], f"fp32-copy linears: {switched}"
         for prompt, (tokens, logprobs, _) in zip(prompts, run(llm16, prompts)):
             tol = bf16_tolerance(ref32, ref16, prompt, NEW)
-            assert_bf16_close(ref32, prompt, tokens, logprobs, tol, f"bf16 eager, {len(prompt)}-token prompt")
+            assert_bf16_close(ref32, prompt, tokens, logprobs, tol, f"bf16, {len(prompt)}-token prompt")
     finally:
         del llm16
         gc.collect()

@@ -32,7 +32,8 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_ckpt), "--host",
            "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
-           "--max-num-seqs", "16", "--block-size", "32", "--dtype", "float32"]
+           "--max-num-seqs", "16", "--block-size", "32", "--dtype", "float32",
+           "--enforce-eager"]  # eager here; tests/test_vllm.py runs the compiled path
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     with serve(cmd, str(tiny_ckpt), port, log, env) as s:

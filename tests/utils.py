@@ -58,9 +58,10 @@ def bf16_tolerance(ref32: CognicaGPT, ref16: CognicaGPT, prompt: list[int], n: i
 def assert_bf16_close(ref32: CognicaGPT, prompt: list[int], tokens: list[int], logprobs: list[float], tol: float,
                       what: str) -> None:
     """bf16 engine vs fp32 reference: logprobs within the calibrated `tol`; a greedy token may differ from the
-    reference's argmax only where the reference's own top-2 margin is within `tol` (a near tie)."""
+    reference's argmax only at a near tie: where the chosen token's reference logprob is within 2 * tol of the best
+    (each of the two logprobs may be off by up to `tol`, in opposite directions)."""
     t = teacher_force(ref32, prompt, tokens)
     worst = max(abs(a - b) for a, b in zip(logprobs, t.logprobs))
     assert worst < tol, f"{what}: bf16 logprob off by {worst:.3f} (calibrated tolerance {tol:.3f})"
     for i, (tok, best, margin) in enumerate(zip(tokens, t.greedy, t.margins)):
-        assert tok == best or margin < tol, f"{what}: step {i} picked {tok}, reference {best} by margin {margin:.3f}"
+        assert tok == best or margin < 2 * tol, f"{what}: step {i} picked {tok}, reference {best} by margin {margin:.3f}"
