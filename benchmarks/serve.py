@@ -212,7 +212,7 @@ def value(engines: dict, key: str, workload: str) -> float | None:
 def build_report(engines: dict, workloads, ckpts: dict, kv: dict, wall_s: float, title: str) -> tuple[str, dict,
                                                                                                    list]:
     ran = [k for k in "acgdbhe" if k in engines]
-    shown = RATIOS + [r for r in EXTRA_RATIOS if r[1] in engines or r[2] in engines]
+    shown = RATIOS + [r for r in EXTRA_RATIOS if {r[1], r[2]} & {"g", "h"} & set(engines)]
     lines = [f"### {title}", ""]
     cg, ll = ckpts["cognica"], ckpts["llama"]
     lines.append(f"Cognica: {cg['params']:,} params ({cg['streamed_params']:,} read per decode step; the 13 "

@@ -5,21 +5,83 @@ The model keeps `RadixAttention` (it owns the layer's window and registers with 
 outside CUDA graphs) go through `cognica_kernels.token_pool_attention` instead: K/V are written with the pool's
 own `set_kv_buffer` (which translates to the sliding-window pool where the hybrid SWA pool is on), then the Triton
 kernel reads the layer's buffer through `req_to_token` (translated to SWA slots for sliding layers), touching only
-in-window keys. Decode batches stay on the backend's RadixAttention, whose CUDA-graph capture we do not replace;
-on CPU RadixAttention always runs.
+in-window keys. Decode batches stay on the backend's RadixAttention, whose CUDA-graph capture we do not replace.
+
+On CPU, DECODE batches go through `cognica_kernels.token_pool_decode_attention` (plain torch, the whole batch in
+one gather of the in-window keys) instead of the torch_native backend's loop over the requests, which cost 14%
+of a 16-sequence decode step of the 1.38B model (py-spy, 2026-11-25). Extend batches stay on RadixAttention.
+`COGNICA_KERNELS=engine` keeps the engine's attention everywhere.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
 
-from cognica_kernels import engine_uses_triton
+from cognica_kernels import KERNELS_ENV, engine_uses_triton
 
 
 def use_triton_attention(is_cuda: bool, forward_batch: ForwardBatch) -> bool:
     return engine_uses_triton(is_cuda) and forward_batch.forward_mode.is_extend()
+
+
+def use_cpu_decode_attention(is_cuda: bool, forward_batch: ForwardBatch) -> bool:
+    """Batched torch decode attention: on CPU decode batches unless COGNICA_KERNELS=engine."""
+    if is_cuda or not forward_batch.forward_mode.is_decode():
+        return False
+    engine_uses_triton(False)  # validates the env value
+    return os.environ.get(KERNELS_ENV, "triton") != "engine"
+
+
+def _window(attn: RadixAttention) -> int | None:
+    size = attn.sliding_window_size
+    return size if size is not None and size >= 0 else None
+
+
+def _slot_rows(attn: RadixAttention, forward_batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(req_to_token, req_pool_indices) addressing this layer's KV buffer: a sliding layer in the hybrid SWA pool
+    has its own, smaller buffer with its own slot numbering, so its rows are translated."""
+    pool = get_token_to_kv_pool()
+    req_to_token = get_req_to_token_pool().req_to_token
+    if _window(attn) is not None and hasattr(pool, "translate_loc_from_full_to_swa"):
+        rows = req_to_token[forward_batch.req_pool_indices]
+        translated = pool.translate_loc_from_full_to_swa(rows.flatten().long()).view(rows.shape).to(rows.dtype)
+        return translated, torch.arange(rows.shape[0], device=rows.device)
+    return req_to_token, forward_batch.req_pool_indices
+
+
+def _write_kv(attn: RadixAttention, forward_batch: ForwardBatch, k: torch.Tensor, v: torch.Tensor):
+    """Store this step's K/V as SGLang's own backends do (`KVWriteLoc`: the hybrid SWA pool also takes the
+    sliding-pool slots); returns the pool."""
+    pool = get_token_to_kv_pool()
+    loc = forward_batch.out_cache_loc
+    swa_loc = pool.translate_loc_from_full_to_swa(loc) if hasattr(pool, "translate_loc_from_full_to_swa") else None
+    pool.set_kv_buffer(attn, KVWriteLoc(loc, swa_loc), k, v)
+    return pool
+
+
+def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: RadixAttention,
+                         forward_batch: ForwardBatch) -> torch.Tensor | None:
+    """q [batch, heads * hd], k/v [batch, kv_heads * hd] -> [batch, heads * hd] for a decode batch; None where
+    the KV cache is stored in another dtype (quantized KV): the caller then uses RadixAttention."""
+    from cognica_kernels import token_pool_decode_attention
+
+    if get_token_to_kv_pool().get_key_buffer(attn.layer_id).dtype != q.dtype or \
+            getattr(attn, "k_scale", None) is not None:
+        return None
+    hd = attn.head_dim
+    q, k, v = q.view(-1, attn.tp_q_head_num, hd), k.view(-1, attn.tp_k_head_num, hd), v.view(-1, attn.tp_v_head_num, hd)
+    pool = _write_kv(attn, forward_batch, k, v)
+    req_to_token, req_pool_indices = _slot_rows(attn, forward_batch)
+    out = token_pool_decode_attention(q, pool.get_key_buffer(attn.layer_id), pool.get_value_buffer(attn.layer_id),
+                                      req_to_token, req_pool_indices, forward_batch.seq_lens, attn.scaling,
+                                      _window(attn))
+    return out.flatten(-2)
 
 
 def triton_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: RadixAttention,
@@ -29,19 +91,9 @@ def triton_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
 
     hd = attn.head_dim
     q, k, v = q.view(-1, attn.tp_q_head_num, hd), k.view(-1, attn.tp_k_head_num, hd), v.view(-1, attn.tp_v_head_num, hd)
-    pool = forward_batch.token_to_kv_pool
-    pool.set_kv_buffer(attn, forward_batch.out_cache_loc, k, v)
-    req_to_token = forward_batch.req_to_token_pool.req_to_token
-    window = attn.sliding_window_size if attn.sliding_window_size is not None and attn.sliding_window_size >= 0 \
-        else None
-    if window is not None and hasattr(pool, "translate_loc_from_full_to_swa"):
-        # the hybrid pool keeps sliding layers in their own, smaller buffer with its own slot numbering
-        rows = req_to_token[forward_batch.req_pool_indices]
-        req_to_token = pool.translate_loc_from_full_to_swa(rows.flatten().long()).view(rows.shape).to(rows.dtype)
-        req_pool_indices = torch.arange(rows.shape[0], device=rows.device)
-    else:
-        req_pool_indices = forward_batch.req_pool_indices
+    pool = _write_kv(attn, forward_batch, k, v)
+    req_to_token, req_pool_indices = _slot_rows(attn, forward_batch)
     out = token_pool_attention(q, pool.get_key_buffer(attn.layer_id), pool.get_value_buffer(attn.layer_id),
                                req_to_token, req_pool_indices, forward_batch.seq_lens, forward_batch.extend_seq_lens,
-                               attn.scaling, window)
+                               attn.scaling, _window(attn))
     return out.flatten(-2)

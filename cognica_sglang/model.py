@@ -44,7 +44,12 @@ from cognica.checkpoint import canonical_name, expected_tensors, open_checkpoint
 from cognica.config import ARCHITECTURE_ALIASES, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica_kernels import engine_uses_triton
 from cognica_kernels.cpu_linear import UpcastLinear, min_rows, upcast_wanted
-from cognica_sglang.attention import triton_extend_attention, use_triton_attention
+from cognica_sglang.attention import (
+    cpu_decode_attention,
+    triton_extend_attention,
+    use_cpu_decode_attention,
+    use_triton_attention,
+)
 from cognica_sglang.smear import SlotTokens, unsupported_modes
 
 logger = logging.getLogger(__name__)
@@ -132,9 +137,12 @@ class CognicaAttention(nn.Module):
         q, k = layers.qk_norm(q.reshape(-1, self.num_heads, self.head_dim),
                               k.reshape(-1, self.num_kv_heads, self.head_dim))
         q, k, v = q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v.contiguous()
+        y = None
         if use_triton_attention(self.is_cuda, forward_batch):
             y = triton_extend_attention(q, k, v, self.attn, forward_batch)
-        else:
+        elif use_cpu_decode_attention(self.is_cuda, forward_batch):
+            y = cpu_decode_attention(q, k, v, self.attn, forward_batch)
+        if y is None:
             y = self.attn(q, k, v, forward_batch)
         out, _ = self.c_proj(y)
         return out

@@ -12,6 +12,7 @@ from .attention import (
     paged_attention,
     paged_attention_reference,
     token_pool_attention,
+    token_pool_decode_attention,
 )
 from .relu2 import HAS_TRITON, relu2_linear, relu2_linear_reference, relu2_reference, uses_triton
 
@@ -38,5 +39,6 @@ __all__ = [
     "relu2_linear_reference",
     "relu2_reference",
     "token_pool_attention",
+    "token_pool_decode_attention",
     "uses_triton",
 ]

@@ -399,3 +399,56 @@ def token_pool_attention(
         scale, window_left, softcap,
     )  # fmt: skip
 
+
+
+def token_pool_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    window_left: int | None,
+    softcap: float | None = None,
+    max_keys_per_chunk: int = 1 << 15,
+) -> torch.Tensor:
+    """Decode attention (one query per sequence) over SGLang's token pool in plain torch, batched.
+
+    The same result as `token_pool_attention` with one query per sequence, computed for the whole batch at once:
+    each sequence's last `min(seq_len, window_left + 1)` keys are gathered into a padded `[batch, span, kv_heads,
+    head_dim]` block (out-of-window keys are never read), then one masked fp32 softmax. For CPU decode, where a
+    loop over the sequences (the torch reference, SGLang's torch_native backend) costs more than the math.
+    Sequences are taken in chunks of at most `max_keys_per_chunk` gathered keys to bound the fp32 temporaries.
+    q `[batch, heads, head_dim]`, pools `[slots, kv_heads, head_dim]`, `seq_lens` including the new token.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_pool.shape[1]
+    assert num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+    group = num_heads // num_kv_heads
+    lens = seq_lens.to(torch.long)
+    span = (lens if window_left is None else lens.clamp(max=window_left + 1)).clamp(min=1)  # >= 1: no NaN rows
+    rows = req_to_token.index_select(0, req_pool_indices.long())
+    out = torch.empty_like(q)
+    start = 0
+    max_span = int(span.max()) if batch else 0
+    per_chunk = max(1, max_keys_per_chunk // max(1, max_span))
+    while start < batch:
+        end = min(batch, start + per_chunk)
+        s, n = span[start:end], lens[start:end]
+        width = int(s.max())
+        j = torch.arange(width, device=q.device)
+        valid = j[None, :] < s[:, None]  # [b, width]
+        pos = torch.where(valid, (n - s)[:, None] + j[None, :], 0)  # key positions, padding reads position 0
+        slots = rows[start:end].gather(1, pos.to(rows.device)).long()
+        k = k_pool[slots].float()  # [b, width, kv_heads, head_dim]
+        v = v_pool[slots].float()
+        qg = q[start:end].float().view(end - start, num_kv_heads, group, head_dim)
+        logits = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        y = torch.einsum("bhgk,bkhd->bhgd", logits.softmax(-1), v)
+        out[start:end] = y.reshape(end - start, num_heads, head_dim).to(q.dtype)
+        start = end
+    return out

@@ -274,3 +274,41 @@ def test_token_pool_layout_matches_paged_layout():
         q, k_pool.unsqueeze(1), v_pool.unsqueeze(1), pool_table, seq_t.to(torch.int32), qsl, head_dim**-0.5, 16, 5.0
     )
     _assert_close(out, expected, *BF16[1:], "the kernel over the token pool (page size 1)")
+
+
+@pytest.mark.parametrize("window", [None, 0, 7, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_decode_over_the_token_pool_equals_the_reference(window, dtype):
+    """The CPU decode path (one gather for the whole batch) against the per-sequence torch reference: windows
+    shorter and longer than the sequences, GQA, soft-cap, a sequence of one token, chunking of the batch."""
+    torch.manual_seed(1)
+    num_slots, num_kv_heads, head_dim, num_heads = 700, 2, 64, 6
+    seq_lens = [1, 23, 90, 41, 64]
+    k_pool = torch.randn(num_slots, num_kv_heads, head_dim, dtype=dtype)
+    v_pool = torch.randn(num_slots, num_kv_heads, head_dim, dtype=dtype)
+    req_to_token = torch.randperm(num_slots)[: 6 * 96].view(6, 96).to(torch.int32)
+    req_pool_indices = torch.tensor([5, 0, 3, 1, 2])
+    q = torch.randn(len(seq_lens), num_heads, head_dim, dtype=dtype)
+    seq_t = torch.tensor(seq_lens)
+    ones = torch.ones(len(seq_lens), dtype=torch.long)
+    expected = attn_ops.token_pool_attention(q, k_pool, v_pool, req_to_token, req_pool_indices, seq_t, ones,
+                                             head_dim**-0.5, window, 5.0)
+    for chunk in (1 << 15, 100):  # 100 keys: one or two sequences per chunk
+        got = attn_ops.token_pool_decode_attention(q, k_pool, v_pool, req_to_token, req_pool_indices, seq_t,
+                                                   head_dim**-0.5, window, 5.0, max_keys_per_chunk=chunk)
+        assert got.dtype == dtype and not got.isnan().any()
+        tol = (1e-5, 1e-5) if dtype == torch.float32 else BF16[1:]
+        _assert_close(got, expected, *tol, f"batched decode, window {window}, chunk {chunk}")
+
+
+def test_batched_decode_never_reads_out_of_window_slots():
+    torch.manual_seed(2)
+    k_pool = torch.randn(64, 1, 16)
+    v_pool = torch.randn(64, 1, 16)
+    req_to_token = torch.arange(64, dtype=torch.int32).view(1, 64)
+    seq_t = torch.tensor([50])
+    q = torch.randn(1, 2, 16)
+    args = (req_to_token, torch.tensor([0]), seq_t, 0.25, 9)
+    clean = attn_ops.token_pool_decode_attention(q, k_pool, v_pool, *args)
+    k_pool[:40], v_pool[:40] = float("nan"), float("nan")  # keys 0..39 are outside the 10-key window of position 49
+    assert torch.equal(attn_ops.token_pool_decode_attention(q, k_pool, v_pool, *args), clean)

@@ -366,6 +366,25 @@ def test_triton_attention_and_relu2_are_chosen_on_cuda_extend_only(monkeypatch):
     assert not use_triton_attention(True, extend), "COGNICA_KERNELS=engine opts out"
 
 
+def test_batched_torch_decode_attention_is_chosen_on_cpu_decode_only(monkeypatch):
+    """CPU decode batches take cognica_kernels.token_pool_decode_attention instead of torch_native's loop over
+    the requests; extend batches, CUDA and COGNICA_KERNELS=engine keep RadixAttention."""
+    from cognica_sglang.attention import use_cpu_decode_attention
+
+    def batch(decode: bool):
+        return SimpleNamespace(forward_mode=SimpleNamespace(is_decode=lambda: decode, is_extend=lambda: not decode))
+
+    monkeypatch.delenv("COGNICA_KERNELS", raising=False)
+    assert use_cpu_decode_attention(False, batch(True))
+    assert not use_cpu_decode_attention(False, batch(False)), "CPU extend stays on RadixAttention"
+    assert not use_cpu_decode_attention(True, batch(True)), "CUDA decode stays on the CUDA-graph captured backend"
+    monkeypatch.setenv("COGNICA_KERNELS", "engine")
+    assert not use_cpu_decode_attention(False, batch(True)), "COGNICA_KERNELS=engine opts out"
+    monkeypatch.setenv("COGNICA_KERNELS", "fast")
+    with pytest.raises(ValueError, match="COGNICA_KERNELS"):
+        use_cpu_decode_attention(False, batch(True))
+
+
 def test_engine_start_on_bad_checkpoints_fails_fast_naming_the_problem(tmp_path_factory):
     """Every broken checkpoint of the corpus stops the engine in its first process with `cognica inspect`'s message."""
     check_engine_refuses_bad_checkpoints("sglang", tmp_path_factory.mktemp("bad_corpus_sglang"))
