@@ -441,14 +441,18 @@ def token_pool_decode_attention(
         valid = j[None, :] < s[:, None]  # [b, width]
         pos = torch.where(valid, (n - s)[:, None] + j[None, :], 0)  # key positions, padding reads position 0
         slots = rows[start:end].gather(1, pos.to(rows.device)).long()
-        k = k_pool[slots].float()  # [b, width, kv_heads, head_dim]
-        v = v_pool[slots].float()
+        flat, shape = slots.flatten(), (end - start, width, num_kv_heads, head_dim)
+        # one copy each: gathered [b, width, kv_heads, hd] -> fp32 [b, kv_heads, width, hd], contiguous
+        k = k_pool.index_select(0, flat).view(shape).transpose(1, 2).to(torch.float32,
+                                                                        memory_format=torch.contiguous_format)
+        v = v_pool.index_select(0, flat).view(shape).transpose(1, 2).to(torch.float32,
+                                                                        memory_format=torch.contiguous_format)
         qg = q[start:end].float().view(end - start, num_kv_heads, group, head_dim)
-        logits = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
+        logits = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [b, kv_heads, group, width]
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        y = torch.einsum("bhgk,bkhd->bhgd", logits.softmax(-1), v)
+        y = torch.matmul(logits.softmax(-1), v)  # [b, kv_heads, group, head_dim]
         out[start:end] = y.reshape(end - start, num_heads, head_dim).to(q.dtype)
         start = end
     return out
