@@ -66,6 +66,17 @@ def _write_kv(attn: RadixAttention, forward_batch: ForwardBatch, k: torch.Tensor
     return pool
 
 
+def _store_and_address(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: RadixAttention,
+                       forward_batch: ForwardBatch):
+    """Heads split out, this step's K/V stored; returns (q, layer's K buffer, V buffer, req_to_token,
+    req_pool_indices) for the kernels."""
+    hd = attn.head_dim
+    q, k, v = q.view(-1, attn.tp_q_head_num, hd), k.view(-1, attn.tp_k_head_num, hd), v.view(-1, attn.tp_v_head_num, hd)
+    pool = _write_kv(attn, forward_batch, k, v)
+    req_to_token, req_pool_indices = _slot_rows(attn, forward_batch)
+    return q, pool.get_key_buffer(attn.layer_id), pool.get_value_buffer(attn.layer_id), req_to_token, req_pool_indices
+
+
 def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: RadixAttention,
                          forward_batch: ForwardBatch) -> torch.Tensor | None:
     """q [batch, heads * hd], k/v [batch, kv_heads * hd] -> [batch, heads * hd] for a decode batch; None where
@@ -75,13 +86,9 @@ def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn
     if get_token_to_kv_pool().get_key_buffer(attn.layer_id).dtype != q.dtype or \
             getattr(attn, "k_scale", None) is not None:
         return None
-    hd = attn.head_dim
-    q, k, v = q.view(-1, attn.tp_q_head_num, hd), k.view(-1, attn.tp_k_head_num, hd), v.view(-1, attn.tp_v_head_num, hd)
-    pool = _write_kv(attn, forward_batch, k, v)
-    req_to_token, req_pool_indices = _slot_rows(attn, forward_batch)
-    out = token_pool_decode_attention(q, pool.get_key_buffer(attn.layer_id), pool.get_value_buffer(attn.layer_id),
-                                      req_to_token, req_pool_indices, forward_batch.seq_lens, attn.scaling,
-                                      _window(attn))
+    q, k_buf, v_buf, req_to_token, req_pool_indices = _store_and_address(q, k, v, attn, forward_batch)
+    out = token_pool_decode_attention(q, k_buf, v_buf, req_to_token, req_pool_indices, forward_batch.seq_lens,
+                                      attn.scaling, _window(attn))
     return out.flatten(-2)
 
 
@@ -90,11 +97,7 @@ def triton_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
     """q [tokens, heads * hd], k/v [tokens, kv_heads * hd] -> [tokens, heads * hd] for an extend batch."""
     from cognica_kernels import token_pool_attention
 
-    hd = attn.head_dim
-    q, k, v = q.view(-1, attn.tp_q_head_num, hd), k.view(-1, attn.tp_k_head_num, hd), v.view(-1, attn.tp_v_head_num, hd)
-    pool = _write_kv(attn, forward_batch, k, v)
-    req_to_token, req_pool_indices = _slot_rows(attn, forward_batch)
-    out = token_pool_attention(q, pool.get_key_buffer(attn.layer_id), pool.get_value_buffer(attn.layer_id),
-                               req_to_token, req_pool_indices, forward_batch.seq_lens, forward_batch.extend_seq_lens,
-                               attn.scaling, _window(attn))
+    q, k_buf, v_buf, req_to_token, req_pool_indices = _store_and_address(q, k, v, attn, forward_batch)
+    out = token_pool_attention(q, k_buf, v_buf, req_to_token, req_pool_indices, forward_batch.seq_lens,
+                               forward_batch.extend_seq_lens, attn.scaling, _window(attn))
     return out.flatten(-2)
