@@ -25,7 +25,7 @@ def main() -> None:
     else:
         os.environ.pop("SGLANG_EXTERNAL_MODEL_PACKAGE", None)
     import sglang
-    from common import WARMUP, emit, measurement, progress, workloads_from_json
+    from common import progress, run_workloads
 
     args = dict(device="cpu", attention_backend="torch_native", dtype="bfloat16", disable_cuda_graph=True,
                 skip_server_warmup=True, skip_tokenizer_init=True,
@@ -51,24 +51,11 @@ def main() -> None:
             outs = engine.generate(input_ids=prompts, sampling_params=sp)
             return time.perf_counter() - t, outs
 
-        workloads = workloads_from_json(spec.get("workloads", []))
-        if workloads:
-            run(WARMUP.prompts(), WARMUP.new_tokens)
-        result["measurements"] = []
-        for w in workloads:
-            prompts = w.prompts()
-            wall, outs = run(prompts, w.new_tokens)
+        def request_ttfts(outs) -> list[float] | None:
             ttfts = [o["meta_info"].get("first_token_latency") for o in outs]
-            if all(isinstance(x, float) and x > 0 for x in ttfts):
-                ttft, ttft_max, how = sum(ttfts) / len(ttfts), max(ttfts), "request metrics"
-            elif w.new_tokens == 1:
-                ttft, ttft_max, how = wall, wall, "max_tokens=1 wall"
-            else:
-                t1, _ = run(prompts, 1)
-                ttft, ttft_max, how = t1, t1, "max_tokens=1 wall"
-            result["measurements"].append(measurement(w, wall, ttft, ttft_max, how, [o["output_ids"] for o in outs]))
-            emit(result)
-        emit(result, final=True)
+            return ttfts if all(isinstance(x, float) and x > 0 for x in ttfts) else None
+
+        run_workloads(result, spec, run, request_ttfts, lambda outs: [o["output_ids"] for o in outs])
     finally:
         engine.shutdown()
 

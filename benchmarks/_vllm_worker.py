@@ -39,7 +39,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from common import WARMUP, emit, measurement, progress, workloads_from_json
+    from common import progress, run_workloads
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
@@ -70,26 +70,12 @@ def main() -> None:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return time.perf_counter() - t, outs
 
-    workloads = workloads_from_json(spec.get("workloads", []))
-    if workloads:
-        run(WARMUP.prompts(), WARMUP.new_tokens)
-    result["measurements"] = []
-    for w in workloads:
-        prompts = w.prompts()
-        wall, outs = run(prompts, w.new_tokens)
+    def request_ttfts(outs) -> list[float] | None:
         ttfts = [o.metrics.first_token_latency for o in outs if getattr(o, "metrics", None) is not None
                  and getattr(o.metrics, "first_token_latency", 0) > 0]
-        if len(ttfts) == len(outs):
-            ttft, ttft_max, how = sum(ttfts) / len(ttfts), max(ttfts), "request metrics"
-        elif w.new_tokens == 1:
-            ttft, ttft_max, how = wall, wall, "max_tokens=1 wall"
-        else:
-            t1, _ = run(prompts, 1)
-            ttft, ttft_max, how = t1, t1, "max_tokens=1 wall"
-        result["measurements"].append(measurement(w, wall, ttft, ttft_max, how,
-                                                  [list(o.outputs[0].token_ids) for o in outs]))
-        emit(result)
-    emit(result, final=True)
+        return ttfts if len(ttfts) == len(outs) else None
+
+    run_workloads(result, spec, run, request_ttfts, lambda outs: [list(o.outputs[0].token_ids) for o in outs])
 
 
 if __name__ == "__main__":

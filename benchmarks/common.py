@@ -99,6 +99,31 @@ def measurement(w: Workload, wall_s: float, ttft_s: float | None, ttft_max_s: fl
     return m
 
 
+def run_workloads(result: dict, spec: dict, run, request_ttfts, token_ids) -> None:
+    """The engine workers' timing loop: one warm-up, then one timed `run(prompts, new_tokens) -> (wall_s, outs)`
+    per workload. TTFT from the engine's per-request metrics (`request_ttfts(outs)`: seconds per request, or None
+    where any is missing), else the wall time of a max_tokens=1 run of the same prompts. `token_ids(outs)` gives
+    each request's generated ids. Emits the result after every workload and once more, final, at the end."""
+    workloads = workloads_from_json(spec.get("workloads", []))
+    if workloads:
+        run(WARMUP.prompts(), WARMUP.new_tokens)
+    result["measurements"] = []
+    for w in workloads:
+        prompts = w.prompts()
+        wall, outs = run(prompts, w.new_tokens)
+        ttfts = request_ttfts(outs)
+        if ttfts:
+            ttft, ttft_max, how = sum(ttfts) / len(ttfts), max(ttfts), "request metrics"
+        elif w.new_tokens == 1:
+            ttft, ttft_max, how = wall, wall, "max_tokens=1 wall"
+        else:
+            t1, _ = run(prompts, 1)
+            ttft, ttft_max, how = t1, t1, "max_tokens=1 wall"
+        result["measurements"].append(measurement(w, wall, ttft, ttft_max, how, token_ids(outs)))
+        emit(result)
+    emit(result, final=True)
+
+
 def kv_theory(n_layer: int = LAYERS, pattern: str = "SSSL", ctx: int = CONTEXT, short_left: int = 512,
               block: int = 1, extra_block: bool = False) -> dict:
     """KV slots one `ctx`-token sequence needs with per-layer windows vs every layer full; the last layer is L.
