@@ -400,7 +400,6 @@ def token_pool_attention(
     )  # fmt: skip
 
 
-
 def token_pool_decode_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,

@@ -71,8 +71,7 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, weight_f32: torch.Tenso
     rows = x.numel() // max(1, x.shape[-1])
     if rows < rows_min:
         return F.linear(x, weight, bias)
-    b = None if bias is None else bias.float()
-    return F.linear(x.float(), weight_f32, b).to(x.dtype)
+    return upcast_linear_reference(x, weight_f32, bias)  # weight_f32.float() is weight_f32 itself: no copy
 
 
 @upcast_linear.register_fake
