@@ -35,6 +35,8 @@ VE_GATE_CHANNELS = 12  # ve_gate reads h[..., :12]
 VE_GATE_SCALE = 3.0  # gate = 3 * sigmoid(ve_gate(...)) in (0, 3)
 WINDOW_TILE = 128  # S windows are rounded up to FA3's tile size
 POE_MODES = ("none", "flat")
+POE_HEADS = ("final", "logop")  # logop: mean over the stage ends of log_softmax(softcap(lm_head(norm(h_e))))
+POE_EVERY = 6  # layers per PoE stage in the release (the published PoE config carries poe_every=6)
 
 # canonical field -> accepted spellings (first is the nanochat name)
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -46,6 +48,10 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "sequence_len": ("sequence_len", "max_position_embeddings", "max_seq_len", "n_positions"),
     "window_pattern": ("window_pattern",),
     "poe_mode": ("poe_mode",),
+    "poe_every": ("poe_every",),
+    "poe_exit_stage": ("poe_exit_stage",),
+    "poe_head": ("poe_head",),
+    "poe_force": ("poe_force",),
 }
 _REQUIRED = ("n_layer", "n_head", "n_embd", "vocab_size", "sequence_len")
 # Fields transformers or our own HF config class add; never reported as unknown.
@@ -76,7 +82,11 @@ class CognicaConfig:
     vocab_size: int = 32768  # padded; tokenizer ids stop at 32767
     sequence_len: int = 2048  # training context; also the L window (keys before the query)
     window_pattern: str = "SSSL"  # tiled over layers; S = short window, L = long; last layer forced to L
-    poe_mode: str = "none"  # "flat" on the PoE twin: training-only, same forward
+    poe_mode: str = "none"  # "flat" on the PoE twin: every stage end was trained to predict through lm_head
+    poe_every: int = POE_EVERY  # layers per stage: stages end after layers 5, 11, 17, 23 of the release
+    poe_exit_stage: int | None = None  # 1..n_stages: build layers 0..poe_every*k-1 and predict there; None = all
+    poe_head: str = "final"  # "final" (the last built layer) or "logop" (mean of the stage-end log-probs)
+    poe_force: bool = False  # allow stage exits / logop on a poe_mode="none" (BP) checkpoint
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +140,43 @@ class CognicaConfig:
         """x_backout is the residual stream right after this block (nanochat: n_layer // 2)."""
         return self.n_layer // 2
 
+    # ---- PoE stages ---------------------------------------------------------------------
+    @property
+    def n_stages(self) -> int:
+        return self.n_layer // self.poe_every
+
+    @property
+    def stage_ends(self) -> tuple[int, ...]:
+        """Layer indices after which each stage ends (5, 11, 17, 23 for the release)."""
+        return tuple((s + 1) * self.poe_every - 1 for s in range(self.n_stages))
+
+    @property
+    def n_active_layers(self) -> int:
+        """Layers actually built: poe_every * poe_exit_stage for a stage prefix, else all of them."""
+        return self.n_layer if self.poe_exit_stage is None else self.poe_every * self.poe_exit_stage
+
+    @property
+    def active_stage_ends(self) -> tuple[int, ...]:
+        """The stage ends among the built layers: the heads the Log-OP head averages."""
+        return tuple(e for e in self.stage_ends if e < self.n_active_layers)
+
+    @property
+    def uses_stages(self) -> bool:
+        """True when the forward reads an intermediate stage (a prefix exit or the Log-OP head)."""
+        return self.n_active_layers < self.n_layer or self.poe_head == "logop"
+
+    def is_built(self, canonical_name: str) -> bool:
+        """Whether a stage prefix builds (and loads) this tensor: every layer tensor and value-embedding table of
+        layers >= n_active_layers is skipped; embeddings, lm_head and the scalars are shared by all stages."""
+        layer = tensor_layer(canonical_name)
+        return layer is None or layer < self.n_active_layers
+
+    def exit_backout(self, e: int) -> bool:
+        """True iff an exit right after layer `e` subtracts the backout: x_backout is stored after block
+        `backout_layer` (12 in the release), so exits after layers 5 and 11 have none, and later exits
+        follow the final layer's tail (x - backout_lambda * x_backout). The card does not say; this is our choice."""
+        return e >= self.backout_layer
+
     @property
     def num_params(self) -> int:
         d, v, L = self.n_embd, self.vocab_size, self.n_layer
@@ -169,9 +216,18 @@ class CognicaConfig:
                     values[name] = int(v)
                 else:
                     problems.append(f"{name}: must be an integer, got {v!r}")
-        for name in ("window_pattern", "poe_mode"):
+        for name in ("window_pattern", "poe_mode", "poe_head"):
             if name in values and not isinstance(values[name], str):
                 problems.append(f"{name}: must be a string, got {values[name]!r}")
+        for name in ("poe_every", "poe_exit_stage"):
+            v = values.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                if isinstance(v, float) and v.is_integer():
+                    values[name] = int(v)
+                else:
+                    problems.append(f"{name}: must be an integer, got {v!r}")
+        if "poe_force" in values and not isinstance(values["poe_force"], bool):
+            problems.append(f"poe_force: must be true or false, got {values['poe_force']!r}")
         if problems:
             raise ConfigError("bad config: " + "; ".join(problems))
         if "window_pattern" in values:
@@ -204,6 +260,7 @@ class CognicaConfig:
             "sequence_len": self.sequence_len,
             "window_pattern": self.window_pattern,
             "poe_mode": self.poe_mode,
+            **{name: getattr(self, name) for name, default in _POE_DEFAULTS.items() if getattr(self, name) != default},
             "num_hidden_layers": self.n_layer,
             "num_attention_heads": self.n_head,
             "num_key_value_heads": self.n_kv_head,
@@ -214,6 +271,21 @@ class CognicaConfig:
             "auto_map": {"AutoConfig": "configuration_cognica_poe.CognicaPoEConfig",
                          "AutoModelForCausalLM": "modeling_cognica_poe.CognicaPoEForCausalLM"},
         }
+
+
+# serve-time PoE options: written to config.json only when not at their default
+_POE_DEFAULTS: dict[str, Any] = {"poe_every": POE_EVERY, "poe_exit_stage": None, "poe_head": "final",
+                                 "poe_force": False}
+
+
+def tensor_layer(canonical_name: str) -> int | None:
+    """The layer index of `transformer.h.{i}.*` and `value_embeds.{i}.*` tensors; None for shared tensors."""
+    for prefix in ("transformer.h.", "value_embeds."):
+        if canonical_name.startswith(prefix):
+            head = canonical_name[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                return int(head)
+    return None
 
 
 def has_ve(i: int, n_layer: int) -> bool:
@@ -260,3 +332,31 @@ def _validate(cfg: CognicaConfig) -> None:
         problems.append(f"poe_mode: {cfg.poe_mode!r} is not one of {POE_MODES}")
     if problems:
         raise ConfigError("bad config: " + "; ".join(problems))
+    _validate_poe(cfg)
+
+
+def _validate_poe(cfg: CognicaConfig) -> None:
+    """Stage options: one clear message for the first thing that cannot be served."""
+    if cfg.poe_head not in POE_HEADS:
+        raise ConfigError(f"bad config: poe_head: {cfg.poe_head!r} is not one of {POE_HEADS}")
+    if cfg.poe_every <= 0:
+        raise ConfigError(f"bad config: poe_every: must be positive, got {cfg.poe_every}")
+    stage_mode = cfg.poe_exit_stage is not None or cfg.poe_head == "logop"
+    if not stage_mode:
+        return
+    if cfg.n_layer % cfg.poe_every:
+        raise ConfigError(
+            f"bad config: poe_every: {cfg.poe_every} does not divide the {cfg.n_layer} layers, so the model has no"
+            " stage ends for poe_exit_stage / poe_head='logop'"
+        )
+    if cfg.poe_exit_stage is not None and not 1 <= cfg.poe_exit_stage <= cfg.n_stages:
+        raise ConfigError(
+            f"bad config: poe_exit_stage: {cfg.poe_exit_stage} is out of range; this model has stages 1..{cfg.n_stages}"
+            f" ({cfg.poe_every} layers each; {cfg.n_stages} = the full model)"
+        )
+    if cfg.poe_mode == "none" and cfg.uses_stages and not cfg.poe_force:
+        what = f"poe_exit_stage={cfg.poe_exit_stage}" if cfg.n_active_layers < cfg.n_layer else "poe_head='logop'"
+        raise ConfigError(
+            f"bad config: {what}: the intermediate layers of a poe_mode='none' (BP) checkpoint are not trained as"
+            " predictors; set poe_force=true to override"
+        )

@@ -27,6 +27,9 @@ from cognica.config import (
 )
 
 logger = logging.getLogger(__name__)
+# the CognicaConfig fields kept as attributes (the PoE stage options included) and read back by `to_cognica`
+CORE_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "sequence_len", "window_pattern",
+               "poe_mode", "poe_every", "poe_exit_stage", "poe_head", "poe_force")
 
 
 class CognicaPoEConfig(PretrainedConfig):
@@ -42,8 +45,7 @@ class CognicaPoEConfig(PretrainedConfig):
         kwargs.setdefault("bos_token_id", 32759)
         kwargs.setdefault("eos_token_id", 32759)
         super().__init__(tie_word_embeddings=False, **kwargs)
-        for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "sequence_len", "window_pattern",
-                     "poe_mode"):
+        for name in CORE_FIELDS:
             setattr(self, name, getattr(cfg, name))
         self.num_hidden_layers = cfg.n_layer
         self.num_attention_heads = cfg.n_head
@@ -73,10 +75,9 @@ class CognicaPoEConfig(PretrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     def to_cognica(self) -> CognicaConfig:
-        return CognicaConfig.from_dict(
-            {k: getattr(self, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size",
-                                           "sequence_len", "window_pattern", "poe_mode")}
-        )
+        # reads the attributes, so engine overrides applied after __init__ (vLLM --hf-overrides, SGLang
+        # --json-model-override-args, e.g. {"poe_exit_stage": 1}) reach the model, validated here
+        return CognicaConfig.from_dict({k: getattr(self, k) for k in CORE_FIELDS})
 
 
 def cognica_config(hf_config: Any) -> CognicaConfig:

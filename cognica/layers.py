@@ -6,6 +6,8 @@ Shapes: `x` is [..., n_embd]; heads are [..., n_heads, head_dim].
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -115,3 +117,38 @@ def softcap(logits: torch.Tensor, cap: float = LOGIT_SOFTCAP) -> torch.Tensor:
     """15 * tanh(logits / 15) in fp32."""
     logits = logits.float()
     return cap * torch.tanh(logits / cap)
+
+
+# ---- PoE stage exits (cognica.config: stage_ends, exit_backout) -----------------------------------------------
+
+
+def exit_tail(x: torch.Tensor, x_backout: torch.Tensor | None, backout_lambda: torch.Tensor,
+              subtract_backout: bool) -> torch.Tensor:
+    """The residual stream an exit after layer e predicts from: x - backout_lambda * x_backout where
+    `config.exit_backout(e)` (the exit comes after the backout block, like the final layer), else x unchanged."""
+    if not subtract_backout:
+        return x
+    assert x_backout is not None, "an exit after the backout block needs x_backout"
+    return backout(x, x_backout, backout_lambda)
+
+
+def exit_logits(x: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """softcap(lm_head(norm(x)))[..., :vocab_size] in fp32 for an exit's tail `x`: the shared final norm, head
+    and soft-cap that every stage of the PoE twin was trained through."""
+    return softcap(lm_head(norm(x))[..., :vocab_size])
+
+
+def logop_from_logits(stage_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Log-OP combination: mean over stages of log_softmax(soft-capped stage logits), in fp32, returned as logits.
+    Each term is a normalised log-probability; their mean is a log-linear pool (its exp sums to <= 1), which the
+    consumer's softmax renormalises. It is already soft-capped: a consumer must not soft-cap it again."""
+    total = torch.zeros_like(stage_logits[0], dtype=torch.float32)
+    for logits in stage_logits:
+        total += torch.log_softmax(logits.float(), dim=-1)
+    return total / len(stage_logits)
+
+
+def logop_logits(xs: Sequence[torch.Tensor], lm_head: Callable[[torch.Tensor], torch.Tensor],
+                 vocab_size: int) -> torch.Tensor:
+    """The Log-OP head over the stage-end tails `xs`: mean_e log_softmax(exit_logits(x_e))."""
+    return logop_from_logits([exit_logits(x, lm_head, vocab_size) for x in xs])

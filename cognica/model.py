@@ -10,20 +10,22 @@ nanochat GPT as of a825e63 (see shared/spec/model.md). Notable, in forward order
 - relu^2 MLP, no gate, no biases;
 - backout: x -= backout_lambda * (residual after block n_layer // 2) before the final norm;
 - untied lm_head, logits soft-capped at 15 in fp32.
-Parameter names are nanochat's, so a canonical state dict loads as is.
+PoE stage modes (config `poe_exit_stage`, `poe_head`): a stage prefix builds only layers 0..n_active_layers-1
+and predicts through `layers.exit_tail` + the shared norm/head/soft-cap; the Log-OP head averages the stage-end
+log-softmaxes (`layers.logop_logits`). Parameter names are nanochat's, so a canonical state dict loads as is.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from cognica import layers
-from cognica.checkpoint import open_checkpoint, padded_vocab
+from cognica.checkpoint import Checkpoint, check_finite, open_checkpoint, padded_vocab
 from cognica.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 
 
@@ -107,7 +109,8 @@ class CognicaGPT(nn.Module):
         self.config = cfg
         v = padded_vocab(cfg)
         self.transformer = nn.ModuleDict(
-            {"wte": nn.Embedding(v, cfg.n_embd), "h": nn.ModuleList(CognicaBlock(cfg, i) for i in range(cfg.n_layer))}
+            {"wte": nn.Embedding(v, cfg.n_embd),
+             "h": nn.ModuleList(CognicaBlock(cfg, i) for i in range(cfg.n_active_layers))}
         )
         self.lm_head = nn.Linear(cfg.n_embd, v, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(cfg.n_layer))
@@ -115,14 +118,19 @@ class CognicaGPT(nn.Module):
         self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(v, cfg.kv_dim) for i in cfg.ve_layers})
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(v, cfg.kv_dim) for i in cfg.ve_layers if i < cfg.n_active_layers}
+        )
+        # the layers whose residual stream is read out: every built stage end (Log-OP) or the last built layer
+        self.exits = cfg.active_stage_ends if cfg.poe_head == "logop" else (cfg.n_active_layers - 1,)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx [B, T] -> fp32 soft-capped logits [B, T, vocab_size]. With a cache, idx continues it."""
+        """idx [B, T] -> fp32 soft-capped logits [B, T, vocab_size] (Log-OP head: normalised log-probs).
+        With a cache, idx continues it."""
         cfg = self.config
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
@@ -139,20 +147,20 @@ class CognicaGPT(nn.Module):
             cache.prev_embedding = x[:, -1:]
         x = layers.smear(x, x_prev, self.smear_gate.weight, self.smear_lambda, has_prev)
 
-        x0, x_backout = x, None
+        x0, x_backout, tails = x, None, []
         for i, block in enumerate(self.transformer.h):
             x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, cache)
             if i == cfg.backout_layer:
                 x_backout = x
-        if x_backout is not None:
-            x = layers.backout(x, x_backout, self.backout_lambda)
-        x = layers.norm(x)
-        logits = self.lm_head(x)[..., : cfg.vocab_size]
+            if i in self.exits:
+                tails.append(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i)))
         if cache is not None:
             cache.pos += T
-        return layers.softcap(logits)
+        if cfg.poe_head == "logop":
+            return layers.logop_logits(tails, self.lm_head, cfg.vocab_size)
+        return layers.exit_logits(tails[0], self.lm_head, cfg.vocab_size)
 
     @torch.inference_mode()
     def generate(
@@ -166,7 +174,7 @@ class CognicaGPT(nn.Module):
             raise ValueError("generate needs at least one non-empty prompt")
         device = self.lm_head.weight.device
         gen = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache.empty(self.config.n_layer)
+        cache = KVCache.empty(self.config.n_active_layers)
         logits = self(torch.tensor(prompts, device=device), cache)[:, -1]
         out: list[list[int]] = [[] for _ in prompts]
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -200,12 +208,41 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: tor
 
 
 def load_reference(
-    model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = False
+    model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = False,
+    poe_exit_stage: int | None = None, poe_head: str | None = None, poe_force: bool | None = None,
 ) -> CognicaGPT:
-    """Validate a checkpoint directory and load it into the reference model in `dtype`."""
+    """Validate a checkpoint directory and load it into the reference model in `dtype`.
+
+    The PoE keywords override config.json (None keeps its value): `poe_exit_stage=k` builds and loads only the
+    layers of stages 1..k, `poe_head="logop"` selects the Log-OP head; both are refused on a poe_mode="none"
+    checkpoint unless `poe_force=True` (ConfigError)."""
     ckpt = open_checkpoint(model_dir)
+    overrides = {k: v for k, v in (("poe_exit_stage", poe_exit_stage), ("poe_head", poe_head),
+                                   ("poe_force", poe_force)) if v is not None}
+    cfg = replace(ckpt.config, **overrides) if overrides else ckpt.config
     with torch.device("meta"):
-        model = CognicaGPT(ckpt.config)
+        model = CognicaGPT(cfg)
     model = model.to_empty(device=device).to(dtype)
-    model.load_state_dict(ckpt.state_dict(dtype=dtype, progress=progress), strict=True)
+    model.load_state_dict(_built_state_dict(ckpt, cfg, dtype, progress), strict=True)
     return model.eval()
+
+
+def _built_state_dict(ckpt: Checkpoint, cfg: CognicaConfig, dtype: torch.dtype,
+                      progress: bool) -> dict[str, torch.Tensor]:
+    """Only the tensors the (possibly stage-prefix) model builds are read from disk."""
+    if cfg.n_active_layers == cfg.n_layer:
+        return ckpt.state_dict(dtype=dtype, progress=progress)
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for name, e in ckpt.entries.items():
+        if cfg.is_built(name):
+            by_file.setdefault(str(e.file), []).append(name)
+    for path, names in sorted(by_file.items()):
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                t = f.get_tensor(ckpt.entries[name].name)
+                check_finite(name, t)
+                out[name] = t.to(dtype)
+    return out
