@@ -165,12 +165,14 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def check_directory(model_dir: str | os.PathLike[str]) -> Path:
-    """The directory exists and no file in it is a symlink that leaves it."""
+    """The directory exists and no file in it is a symlink that leaves it. A Hugging Face cache snapshot
+    (`models--owner--name/snapshots/<rev>/`) links every file to the repo's `blobs/`: those links stay inside."""
     root = Path(model_dir)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
     for p in sorted(root.iterdir()):
-        if p.is_symlink() and not _inside(p, root):
+        if p.is_symlink() and not _inside(p, root) and not (blobs is not None and _inside(p, blobs)):
             raise CheckpointError(
                 f"{p.name}: symlink points outside the checkpoint directory ({os.readlink(p)}); refusing it"
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,15 +70,31 @@ class CognicaPoEConfig(PretrainedConfig):
         tensor, file or field fails fast with one specific message."""
         path = kwargs.get("name_or_path")
         if path and os.path.isfile(os.path.join(path, "config.json")):
-            from cognica.checkpoint import open_checkpoint
+            _validate_at_load(Path(path))
+        elif path:
+            from cognica.hub import cached_snapshot
 
-            open_checkpoint(path)
+            snapshot = cached_snapshot(str(path), config_dict)  # a Hub id: the cached snapshot it was read from
+            if snapshot is not None:
+                _validate_at_load(snapshot, weights_optional=True)
         return super().from_dict(config_dict, **kwargs)
 
     def to_cognica(self) -> CognicaConfig:
         # reads the attributes, so engine overrides applied after __init__ (vLLM --hf-overrides, SGLang
         # --json-model-override-args, e.g. {"poe_exit_stage": 1}) reach the model, validated here
         return CognicaConfig.from_dict({k: getattr(self, k) for k in CORE_FIELDS})
+
+
+def _validate_at_load(root: Path, weights_optional: bool = False) -> None:
+    """The checkpoint (weights may still be downloading in a Hub snapshot) and, for a published tokenizer.pkl
+    without tokenizer.json, its conversion (cached; a hostile or malformed pickle is refused here, at start)."""
+    from cognica.checkpoint import INDEX_FILE, SINGLE_FILE, open_checkpoint
+    from cognica.tokenizer import converted_tokenizer
+
+    if not weights_optional or (root / SINGLE_FILE).exists() or (root / INDEX_FILE).exists():
+        open_checkpoint(root)
+    if (root / "tokenizer.pkl").is_file() and not (root / "tokenizer.json").is_file():
+        converted_tokenizer(root / "tokenizer.pkl")
 
 
 def cognica_config(hf_config: Any) -> CognicaConfig:
@@ -104,26 +121,45 @@ class CognicaPoEForCausalLM(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> CausalLMOutput:
         return CausalLMOutput(logits=self.model(input_ids))
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, **kwargs: Any) -> torch.Tensor:
-        """KV-cache generation of the reference (`cognica.model.CognicaGPT.generate`), HF-shaped."""
-        t = temperature if do_sample else 0.0
-        new = self.model.generate(input_ids.tolist(), max_new_tokens, temperature=t, top_k=top_k)
-        return torch.tensor([p + n for p, n in zip(input_ids.tolist(), new)], device=input_ids.device)
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True  # our own generate (cognica.generation), which pipeline("text-generation") calls
+
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """KV-cache generation of the reference with transformers' semantics for the keywords it supports;
+        any other keyword raises (see `cognica.generation`)."""
+        from cognica.generation import generate
+
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids")
+        return generate(self.model, input_ids, self.generation_config, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, dtype: Any = None,
                         torch_dtype: Any = None, **kwargs: Any) -> CognicaPoEForCausalLM:
+        """A checkpoint directory or Hub id (resolved through huggingface_hub's cache; the repo's *.py are
+        neither downloaded nor imported). dtype "auto" is config.json's torch_dtype, as in transformers."""
+        from transformers import GenerationConfig
+
+        from cognica.hub import resolve
         from cognica.model import load_reference
 
+        root = resolve(pretrained_model_name_or_path, revision=kwargs.get("revision"),
+                       cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
+                       local_files_only=bool(kwargs.get("local_files_only")))
+        config = CognicaPoEConfig.from_pretrained(root)
         dtype = dtype or torch_dtype or torch.float32
+        if dtype == "auto":
+            dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         if isinstance(dtype, str):
-            dtype = torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
-        ref = load_reference(pretrained_model_name_or_path, dtype=dtype)
-        config = CognicaPoEConfig.from_pretrained(pretrained_model_name_or_path)
+            dtype = getattr(torch, dtype)
+        ref = load_reference(root, dtype=dtype)
         with torch.device("meta"):
             model = cls(config)
         model.model = ref
+        if (root / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(root)
+        model.name_or_path = str(pretrained_model_name_or_path)
         return model.eval()
 
 

@@ -11,6 +11,11 @@ Notable:
   gets it); `CognicaTokenizerFast` additionally drops a leading literal "<|bos|>" from the text before the
   post-processor adds one, so an explicit BOS is never doubled. eos is `<|bos|>` too: nanochat trains base
   models on documents delimited by BOS only, so a finished document is followed by `<|bos|>`.
+- A directory (or Hub snapshot) as published has `tokenizer.pkl` and no `tokenizer.json`. The registered
+  tokenizer classes (ours, and `CognicaPoETokenizerFast`, which the published tokenizer_config.json's
+  `tokenizer_class` resolves to, so its remote-code `auto_map` is never followed) convert it once through the
+  restricted unpickler into a cache outside the model directory, keyed by the pickle's SHA-256
+  (`converted_tokenizer`), and load the result. The snapshot is never written.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import pickle
 import random
 import shutil
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +58,10 @@ N_RANKS = 32759  # 256 raw bytes + 32503 merges; specials follow at 32759..32767
 VOCAB_SIZE = N_RANKS + len(SPECIAL_TOKENS)
 ENCODING_NAME = "rustbpe"  # what nanochat's RustBPETokenizer names its Encoding
 HF_TOKENIZER_CLASS = "CognicaTokenizerFast"
+# The published tokenizer_config.json names this class (with an auto_map to its remote code): we register a class
+# of this name + "Fast", which transformers' tokenizer_class_from_name finds before any remote code is considered.
+PUBLISHED_TOKENIZER_CLASS = "CognicaPoETokenizer"
+_CONVERTER_VERSION = "1"  # bump when hf_tokenizer_json or the written configs change: it keys the converted cache
 _FACTORY_VERSION = "1"  # bump when the factory's corpus or algorithm changes: it keys the cache
 _FACTORY_CORPUS_BYTES = 24 << 20  # ~8 s of BpeTrainer on 2 cores, and yields >35k merges
 
@@ -355,15 +365,11 @@ def _write_keeping_original(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def convert_tokenizer(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Convert `model_dir/tokenizer.pkl` (restricted unpickling) to tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json in `out_dir` (default `model_dir`). Idempotent; returns the output directory."""
-    model_dir = Path(model_dir)
-    out = Path(out_dir) if out_dir is not None else model_dir
-    out.mkdir(parents=True, exist_ok=True)
-    enc = load_tiktoken_pickle(model_dir / "tokenizer.pkl")
+def _hf_tokenizer_files(pkl: Path, model_max_length: int) -> dict[str, str]:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for `pkl` (restricted unpickling)."""
+    enc = load_tiktoken_pickle(pkl)
     if BOS not in enc._special_tokens:
-        raise TokenizerError(f"{model_dir / 'tokenizer.pkl'}: no {BOS} special token")
+        raise TokenizerError(f"{pkl}: no {BOS} special token")
     special_map = {"bos_token": BOS, "eos_token": BOS}
     # No add_bos_token: BOS lives in tokenizer.json's post-processor, and transformers 5 rebuilds the
     # post-processor when the key is present. No auto_map: nothing runs remote code.
@@ -371,13 +377,82 @@ def convert_tokenizer(model_dir: str | os.PathLike, out_dir: str | os.PathLike |
         "tokenizer_class": HF_TOKENIZER_CLASS,
         **special_map,
         "clean_up_tokenization_spaces": False,  # decode must return exactly what tiktoken returns
-        "model_max_length": _model_max_length(model_dir),
+        "model_max_length": model_max_length,
         "additional_special_tokens": [s for s in enc._special_tokens if s != BOS],
     }
-    _write_keeping_original(out / "tokenizer.json", hf_tokenizer_json(enc))
-    _write_keeping_original(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    _write_keeping_original(out / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    return {"tokenizer.json": hf_tokenizer_json(enc),
+            "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+            "special_tokens_map.json": json.dumps(special_map, indent=2) + "\n"}
+
+
+def convert_tokenizer(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Convert `model_dir/tokenizer.pkl` (restricted unpickling) to tokenizer.json, tokenizer_config.json and
+    special_tokens_map.json in `out_dir` (default `model_dir`). Idempotent; returns the output directory."""
+    model_dir = Path(model_dir)
+    out = Path(out_dir) if out_dir is not None else model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in _hf_tokenizer_files(model_dir / "tokenizer.pkl", _model_max_length(model_dir)).items():
+        _write_keeping_original(out / name, text)
     return out
+
+
+def converted_tokenizer(pkl: str | os.PathLike) -> Path:
+    """The HF tokenizer files converted from `pkl`, in `<cognica cache>/tokenizers/<sha256 of pkl>/`: converted on
+    the first call (restricted unpickler; a refused or malformed pickle raises one TokenizerError line naming the
+    file), reused afterwards. Written to a temporary directory and renamed, so concurrent engine processes never
+    see a partial result. The model directory is only read."""
+    pkl = Path(pkl)
+    try:
+        data = pkl.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"{pkl}: cannot read ({e.strerror})") from None
+    key = hashlib.sha256(data).hexdigest()
+    out = _cache_dir() / "tokenizers" / f"{key}-v{_CONVERTER_VERSION}"
+    if (out / "tokenizer.json").is_file():
+        logger.debug("using the tokenizer converted earlier from %s: %s", pkl, out)
+        return out
+    try:
+        files = _hf_tokenizer_files(pkl, 2048)  # model_max_length is set per model at load time
+    except TokenizerError as e:
+        raise (e if str(pkl) in str(e) else TokenizerError(f"{pkl}: {e}")) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # tiktoken's Rust core panics (pyo3 PanicException is a BaseException)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise TokenizerError(f"{pkl}: rejected while building the tokenizer ({type(e).__name__}: {first})") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=out.parent))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "tokenizer.json").is_file():  # not another process winning the race: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # once per tokenizer.pkl content: say where the converted copy lives (WARNING: engines show no INFO of ours)
+    logger.warning("cognica: converted %s to a Hugging Face tokenizer (restricted unpickler) in %s; later loads "
+                   "reuse it", pkl, out)
+    return out
+
+
+def _published_tokenizer(name: str | os.PathLike, kwargs: dict[str, Any]) -> tuple[Path, int] | None:
+    """For a directory or Hub id that has tokenizer.pkl and no tokenizer.json: (converted dir, context length)."""
+    from cognica.hub import is_repo_id, resolve
+
+    if os.path.isdir(name):
+        root = Path(name) / kwargs.get("subfolder", "")
+    elif is_repo_id(name):
+        root = resolve(name, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"),
+                       token=kwargs.get("token"), local_files_only=bool(kwargs.get("local_files_only")),
+                       allow_patterns=["tokenizer*", "special_tokens_map.json", "config.json"])
+    else:
+        return None
+    if (root / "tokenizer.json").is_file() or not (root / "tokenizer.pkl").is_file():
+        return None
+    return converted_tokenizer(root / "tokenizer.pkl"), _model_max_length(root)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,14 +496,37 @@ def _tokenizer_class() -> type:
                                                                   **kwargs)
 
         CognicaTokenizerFast._encode_plus = _encode_plus
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As PreTrainedTokenizerFast's, plus: a directory or Hub id with only tokenizer.pkl loads its converted
+        copy (`converted_tokenizer`)."""
+        published = _published_tokenizer(pretrained_model_name_or_path, kwargs)
+        if published is None:
+            return super(CognicaTokenizerFast, cls).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        converted, model_max_length = published
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "revision", "_commit_hash")}
+        kwargs.setdefault("model_max_length", model_max_length)
+        tok = super(CognicaTokenizerFast, cls).from_pretrained(converted, *args, **kwargs)
+        tok.name_or_path = str(pretrained_model_name_or_path)
+        return tok
+
+    CognicaTokenizerFast.from_pretrained = classmethod(from_pretrained)
     CognicaTokenizerFast.__module__ = __name__
     CognicaTokenizerFast.__qualname__ = HF_TOKENIZER_CLASS
     return CognicaTokenizerFast
 
 
+@functools.lru_cache(maxsize=1)
+def _published_class_alias() -> type:
+    """`CognicaPoETokenizerFast`: our class under the name the published tokenizer_config.json asks for."""
+    alias = type(PUBLISHED_TOKENIZER_CLASS + "Fast", (_tokenizer_class(),), {"__module__": __name__})
+    return alias
+
+
 def __getattr__(name: str) -> Any:
     if name == HF_TOKENIZER_CLASS:  # built lazily so importing cognica does not import transformers
         return _tokenizer_class()
+    if name == PUBLISHED_TOKENIZER_CLASS + "Fast":
+        return _published_class_alias()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -436,9 +534,15 @@ class _CognicaTokenizerKey:
     """Key for AutoTokenizer's mapping when no config class is given; lookups go by class name."""
 
 
+class _PublishedTokenizerKey:
+    """Key for the published-name alias in AutoTokenizer's mapping; lookups go by class name."""
+
+
 def register_tokenizer(config_class: type | None = None) -> None:
-    """Make `AutoTokenizer` resolve tokenizer_class "CognicaTokenizerFast" (idempotent, no remote code)."""
+    """Make `AutoTokenizer` resolve tokenizer_class "CognicaTokenizerFast" and the published "CognicaPoETokenizer"
+    to our class (idempotent, no remote code)."""
     from transformers import AutoTokenizer
 
     AutoTokenizer.register(config_class or _CognicaTokenizerKey, fast_tokenizer_class=_tokenizer_class(),
                            exist_ok=True)
+    AutoTokenizer.register(_PublishedTokenizerKey, fast_tokenizer_class=_published_class_alias(), exist_ok=True)

@@ -1,0 +1,104 @@
+"""`generate()` of the transformers-facing reference model (`cognica.hf.CognicaPoEForCausalLM`).
+
+KV-cache decoding on `cognica.model.CognicaGPT` with transformers' own semantics for what it supports: greedy or
+sampling (`do_sample`, `temperature`, `top_k`, `top_p`), `repetition_penalty`, `max_new_tokens` / `max_length`,
+`eos_token_id` (stop; finished rows padded with `pad_token_id`), a `generation_config` object or keywords, as
+`model.generate(...)` and `pipeline("text-generation")` pass them. The logits processors are transformers' own
+classes. Anything else that would change the output (beams, several sequences, padding masks, ...) raises one
+ValueError naming it instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+# GenerationConfig fields we honour; the rest must keep their default (checked through to_diff_dict()).
+SUPPORTED = frozenset({
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "eos_token_id", "pad_token_id", "bos_token_id", "use_cache",
+})
+# Fields transformers itself records on a config; they do not change generation.
+_BOOKKEEPING = frozenset({"transformers_version", "_from_model_config", "_commit_hash", "cache_implementation"})
+
+
+def _merged_config(default: Any, kwargs: dict[str, Any]) -> Any:
+    from transformers import GenerationConfig
+
+    config = kwargs.pop("generation_config", None)
+    config = copy.deepcopy(config if config is not None else (default or GenerationConfig()))
+    unknown = [k for k in kwargs if not hasattr(config, k)]
+    if unknown:
+        raise ValueError(f"generate() got keyword(s) {', '.join(sorted(unknown))}, which the Cognica reference model "
+                         f"does not support (supported: {', '.join(sorted(SUPPORTED))})")
+    for k, v in kwargs.items():
+        setattr(config, k, v)
+    changed = set(config.to_diff_dict()) | set(kwargs)
+    unsupported = sorted(k for k in changed - SUPPORTED - _BOOKKEEPING
+                         if getattr(config, k) != getattr(GenerationConfig(), k, None))
+    if unsupported:
+        raise ValueError(f"generate(): {', '.join(f'{k}={getattr(config, k)!r}' for k in unsupported)} is not "
+                         f"supported by the Cognica reference model (supported: {', '.join(sorted(SUPPORTED))})")
+    return config
+
+
+def _processors(config: Any) -> Any:
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            procs.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            procs.append(TopPLogitsWarper(config.top_p))
+    return procs
+
+
+@torch.inference_mode()
+def generate(gpt: Any, input_ids: torch.Tensor, default_config: Any = None, attention_mask: torch.Tensor | None = None,
+             **kwargs: Any) -> torch.Tensor:
+    """[B, T] prompt ids -> [B, T + new] ids, as transformers' `generate` returns them."""
+    from cognica.model import KVCache
+
+    config = _merged_config(default_config, kwargs)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"generate() needs input_ids of shape [batch, length >= 1], got {list(input_ids.shape)}")
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise ValueError("generate(): an attention_mask with padding (zeros) is not supported by the Cognica "
+                         "reference model; pass unpadded prompts of equal length")
+    prompt_len = input_ids.shape[1]
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
+    eos = config.eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
+    pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    procs = _processors(config)
+
+    ids = input_ids.to(gpt.lm_head.weight.device)
+    cache = KVCache.empty(gpt.config.n_layer)
+    logits = gpt(ids, cache)[:, -1]
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max(max_new, 0)):
+        scores = procs(ids, logits.float())
+        if config.do_sample:
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
+        else:
+            nxt = scores.argmax(dim=-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()):
+            break
+        logits = gpt(nxt[:, None], cache)[:, -1]
+    return ids

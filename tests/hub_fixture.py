@@ -1,0 +1,106 @@
+"""An offline Hugging Face hub cache holding a factory checkpoint exactly as the Hub delivers the published repo.
+
+`HF_HOME/hub/models--cognica--Cognica-BP-v1.0-1.3B-base/{blobs/<sha256>, refs/main, snapshots/<rev>/<file> ->
+../../blobs/<sha256>}`: config.json and tokenizer_config.json with their remote-code `auto_map`, tokenizer.pkl and
+no tokenizer.json, and the three `*_cognica_poe.py` files, each of which writes a marker file if it is ever
+imported. Blobs and snapshot are made read-only (root ignores that, so `snapshot_state` lets tests assert that
+nothing was written). Used by tests/test_first_use*.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BP_REPO = "cognica/Cognica-BP-v1.0-1.3B-base"
+POE_REPO = "cognica/Cognica-PoE-v1.0-1.3B-base"
+REVISION = "3f1c0b9e2d4a5b6c7d8e9f00112233445566778a"  # a commit hash, as refs/main holds
+REMOTE_CODE_FILES = ("configuration_cognica_poe.py", "modeling_cognica_poe.py", "tokenization_cognica_poe.py")
+CARD_PROMPT = "Once upon a time,"  # the model card's curl request
+
+
+@dataclass
+class HubRepo:
+    hf_home: Path
+    repo_id: str
+    snapshot: Path
+    marker: Path  # created by any import of the remote code
+
+    def env(self) -> dict[str, str]:
+        """Environment for a process that must see this cache (and a private converted-tokenizer cache)."""
+        return {"HF_HOME": str(self.hf_home), "HF_HUB_OFFLINE": "1",
+                "COGNICA_CACHE_DIR": str(self.hf_home / "cognica-cache")}
+
+
+def _remote_code(marker: Path) -> str:
+    return f"import pathlib\npathlib.Path({str(marker)!r}).write_text('remote code was imported')\n"
+
+
+def make_hub_repo(hf_home: Path, repo_id: str, ckpt: Path) -> HubRepo:
+    """Lay `ckpt` (a factory checkpoint directory) out as the cached snapshot of `repo_id` under `hf_home`."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / REVISION
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    marker = hf_home / f"REMOTE_CODE_IMPORTED-{repo_id.replace('/', '--')}"
+    files = {p.name: p.read_bytes() for p in sorted(ckpt.iterdir()) if p.is_file()}
+    files |= {name: _remote_code(marker).encode() for name in REMOTE_CODE_FILES}
+    for name, data in files.items():
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / digest)
+    for p in [*blobs.iterdir(), blobs, snapshot]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    return HubRepo(hf_home, repo_id, snapshot, marker)
+
+
+def published_checkpoint(out: Path, poe: bool = False) -> Path:
+    """A tiny factory checkpoint in float32 whose config says float32 (so dtype "auto" is exact against the fp32
+    reference), with the published tokenizer files and no tokenizer.json."""
+    from cognica.factory import make_checkpoint
+
+    overrides = {"poe_mode": "flat"} if poe else {}
+    ckpt = make_checkpoint(out, preset="tiny", seed=0, dtype=torch.float32, progress=False, **overrides)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["torch_dtype"] = "float32"
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    assert not (ckpt / "tokenizer.json").exists() and (ckpt / "tokenizer.pkl").exists()
+    return ckpt
+
+
+def make_hostile(ckpt: Path, marker: Path) -> None:
+    """Replace tokenizer.pkl with a pickle whose loading would run `touch marker`."""
+
+    class Touch:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / "tokenizer.pkl").write_bytes(pickle.dumps(Touch()))
+
+
+def snapshot_state(snapshot: Path) -> dict[str, tuple[str, str]]:
+    """name -> (symlink target, sha256 of content) for every entry of the snapshot and of the blobs it links to."""
+    out = {}
+    for p in sorted(snapshot.iterdir()):
+        out[p.name] = (os.readlink(p) if p.is_symlink() else "", hashlib.sha256(p.read_bytes()).hexdigest())
+    blobs = snapshot.parent.parent / "blobs"
+    out |= {f"blobs/{p.name}": ("", hashlib.sha256(p.read_bytes()).hexdigest()) for p in sorted(blobs.iterdir())}
+    return out
+
+
+def run_python(code: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter of this venv (HF_HOME must be set before huggingface_hub is imported)."""
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=root,
+                          env={**os.environ, **env})
