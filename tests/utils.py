@@ -37,8 +37,18 @@ def teacher_force(ref: CognicaGPT, prompt: list[int], generated: list[int]) -> T
     return Teacher(top.indices.tolist(), chosen.tolist(), (top.values - chosen).tolist())
 
 
-def assert_fp32_parity(ref: CognicaGPT, prompt: list[int], tokens: list[int], logprobs: list[float], what: str) -> None:
+def assert_token_count(tokens: list[int], logprobs: list[float], n_new: int | None, what: str) -> None:
+    """The engine generated what was asked (`n_new`, when given) with one logprob per token: the parity checks
+    below zip the two lists, which would otherwise hide a short answer."""
+    assert tokens, f"{what}: the engine generated no tokens"
+    assert n_new is None or len(tokens) == n_new, f"{what}: asked for {n_new} tokens, got {len(tokens)}"
+    assert len(logprobs) == len(tokens), f"{what}: {len(logprobs)} logprobs for {len(tokens)} tokens"
+
+
+def assert_fp32_parity(ref: CognicaGPT, prompt: list[int], tokens: list[int], logprobs: list[float], what: str,
+                       n_new: int | None = None) -> None:
     """Greedy tokens identical to the reference's and per-token logprobs within 1e-3."""
+    assert_token_count(tokens, logprobs, n_new, what)
     t = teacher_force(ref, prompt, tokens)
     assert tokens == t.greedy, f"{what}: engine greedy tokens diverge from the reference at step " \
         f"{next(i for i, (a, b) in enumerate(zip(tokens, t.greedy)) if a != b)}"
@@ -56,10 +66,11 @@ def bf16_tolerance(ref32: CognicaGPT, ref16: CognicaGPT, prompt: list[int], n: i
 
 
 def assert_bf16_close(ref32: CognicaGPT, prompt: list[int], tokens: list[int], logprobs: list[float], tol: float,
-                      what: str) -> None:
+                      what: str, n_new: int | None = None) -> None:
     """bf16 engine vs fp32 reference: logprobs within the calibrated `tol`; a greedy token may differ from the
     reference's argmax only at a near tie: where the chosen token's reference logprob is within 2 * tol of the best
     (each of the two logprobs may be off by up to `tol`, in opposite directions)."""
+    assert_token_count(tokens, logprobs, n_new, what)
     t = teacher_force(ref32, prompt, tokens)
     worst = max(abs(a - b) for a, b in zip(logprobs, t.logprobs))
     assert worst < tol, f"{what}: bf16 logprob off by {worst:.3f} (calibrated tolerance {tol:.3f})"
