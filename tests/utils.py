@@ -77,3 +77,18 @@ def assert_bf16_close(ref32: CognicaGPT, prompt: list[int], tokens: list[int], l
     for i, (tok, best, margin) in enumerate(zip(tokens, t.greedy, t.margins)):
         assert tok == best or margin < 2 * tol, \
             f"{what}: step {i} picked {tok}, reference {best} by margin {margin:.3f} (near-tie bound {2 * tol:.3f})"
+
+
+def assert_prompt_logprobs_parity(ref: CognicaGPT, prompt: list[int], got: list[float], what: str,
+                                  start: int = 1, chunk: int | None = None) -> None:
+    """Per-position prompt log-probs: `got[i]` is the engine's log p(prompt[start + i] | prompt[:start + i]), for
+    every position from `start` to the end of the prompt; each within FP32_LOGPROB_ATOL of the reference's
+    full-sequence forward. The message names the worst position (and where it sits in its prefill chunk), which an
+    aggregate such as bits per byte would average away."""
+    want = ref.token_logprobs(prompt)[start - 1:]
+    assert len(got) == len(want), f"{what}: {len(got)} prompt logprobs for positions {start}..{len(prompt) - 1}"
+    errs = [abs(a - b) for a, b in zip(got, want)]
+    worst = max(range(len(errs)), key=errs.__getitem__)
+    where = f" (offset {(start + worst) % chunk} in its {chunk}-token chunk)" if chunk else ""
+    assert errs[worst] < FP32_LOGPROB_ATOL, \
+        f"{what}: prompt logprob at position {start + worst}{where} off by {errs[worst]:.2e}"
