@@ -1,0 +1,350 @@
+"""Kernel timings of the GPU check, and its final report. Run by `scripts/gpu_check.sh`, which documents the whole.
+
+    python benchmarks/gpu_check.py kernels --out OUT/kernels.json [--dry-run]
+    python benchmarks/gpu_check.py report OUT          # prints the table, writes OUT/gpu_check.json
+
+Each case times one of our Triton launchers (`cognica_kernels.attention.paged_attention_triton`,
+`cognica_kernels.relu2.relu2_linear_triton`) in bf16: the median of CUDA-event intervals after warm-up, L2
+flushed and fresh random queries / activations before every timed run, and the output's memory poisoned with NaN
+before every run (a freed NaN-filled block of the output's size, which the caching allocator hands to the
+launcher's `empty`) and checked free of NaN after it. Once per case the output is compared with the kernel's torch
+reference on the same inputs. Each case's floor is `max(bytes / copy rate, FLOPs / GEMM rate)`, both rates
+measured on the same device (a 1 GiB device-to-device copy, an 8192^3 bf16 matmul); `pct_floor` is floor / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import Timer, copy_rate_gbps, device_info, gemm_rate_tflops  # noqa: E402
+
+from cognica_kernels import attention, relu2  # noqa: E402
+
+# The model's attention and MLP shapes (shared/spec/model.md); the dry run shrinks them for the interpreter.
+GPU_PROFILE = {
+    "heads": 12, "head_dim": 128, "window_left": 512, "page": 16, "decode_batches": (1, 32, 256),
+    "decode_ctxs": (512, 2048), "prefill": (8, 2048, (512, 2048)), "gemm_kn": (1536, 6144),
+    "gemm_ms": (1, 32, 256, 8 * 2048), "reps": 20, "warmup": 3, "copy_bytes": 1 << 30, "gemm_rate_n": 8192,
+}  # fmt: skip
+DRY_PROFILE = {
+    "heads": 2, "head_dim": 64, "window_left": 32, "page": 16, "decode_batches": (1, 3), "decode_ctxs": (40,),
+    "prefill": (2, 48, (16, 48)), "gemm_kn": (128, 512), "gemm_ms": (1, 20), "reps": 1, "warmup": 1,
+    "copy_bytes": 1 << 20, "gemm_rate_n": 128,
+}  # fmt: skip
+DTYPE = torch.bfloat16
+ATTN_TOL = (2e-2, 2e-2)  # (atol, rtol) as tests/test_kernels.py's BF16
+GEMM_TOL = (5e-2, 3e-2)  # atol is relative to the largest output, as in tests/test_kernels.py
+
+
+@dataclass
+class KernelCase:
+    """One row of the kernel table (the JSON `kernels` list holds these fields)."""
+
+    name: str
+    ms: float = math.nan  # Triton, median
+    torch_ms: float | None = None  # F.linear + relu^2 (relu2_linear only)
+    bytes: int = 0  # unique bytes the op must move (inputs read once, output written once)
+    flops: int = 0
+    gbps: float = math.nan  # bytes / ms
+    pct_copy: float = math.nan  # gbps / measured copy rate
+    tflops: float = math.nan
+    pct_floor: float = math.nan  # max(bytes / copy rate, flops / GEMM rate) / ms
+    max_abs_err: float = math.nan  # vs the torch reference, same inputs
+    poisoned_runs: int = 0  # timed runs whose output memory was NaN-poisoned before the launch
+    reps: int = 0
+    ok: bool = False
+    error: str | None = None
+    times_ms: list[float] = field(default_factory=list)
+
+
+class Poison:
+    """Before a run, hand the caching allocator `count` NaN-filled blocks of the output's size (one per launch);
+    after it, check no output holds NaN (every element written) and count the runs where every output really
+    sat in a poisoned block (on CUDA the caching allocator returns a freed block of the same size)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, count: int = 1):
+        self.shape, self.dtype, self.device, self.count = shape, dtype, device, count
+        self.ptrs: set[int] = set()
+        self.landed = 0
+
+    def prepare(self) -> None:
+        blocks = [torch.full(self.shape, float("nan"), dtype=self.dtype, device=self.device) for _ in range(self.count)]
+        self.ptrs = {b.data_ptr() for b in blocks}
+        del blocks  # freed: the launchers' torch.empty of this size get them back
+
+    def check(self, outs: list[torch.Tensor]) -> None:
+        self.landed += all(o.data_ptr() in self.ptrs for o in outs)
+        if any(o.isnan().any() for o in outs):
+            raise AssertionError("output still holds NaN after the launch: some elements were never written")
+
+
+def _time_case(
+    case: KernelCase, timer: Timer, profile: dict, out_shape: tuple[int, ...], refresh: Callable[[], None],
+    run: Callable[[], list[torch.Tensor]], launches: int = 1,
+) -> None:
+    poison = Poison(out_shape, DTYPE, timer.device, launches)
+
+    def prepare() -> None:
+        refresh()  # fresh random inputs first: they must not take the poisoned block
+        poison.prepare()
+
+    case.ms, case.times_ms = timer.median_ms(run, profile["reps"], profile["warmup"], prepare, poison.check)
+    case.reps, case.poisoned_runs = profile["reps"], poison.landed
+
+
+def _finish(case: KernelCase, rates: dict[str, float], tol_ok: bool) -> None:
+    seconds = case.ms * 1e-3
+    case.gbps = case.bytes / seconds / 1e9
+    case.pct_copy = 100 * case.gbps / rates["copy_gbps"]
+    case.tflops = case.flops / seconds / 1e12
+    floor = max(case.bytes / (rates["copy_gbps"] * 1e9), case.flops / (rates["gemm_tflops"] * 1e12))
+    case.pct_floor = 100 * floor / seconds
+    on_cuda = rates["cuda"]
+    if on_cuda and case.poisoned_runs == 0:
+        case.error = "the NaN poison never reached the output buffer: 'written' was not checked"
+    elif not tol_ok:
+        case.error = f"output differs from the torch reference (max abs err {case.max_abs_err:.3g})"
+    case.ok = case.error is None
+
+
+def _paged_inputs(batch: int, ctx: int, q_len: int, profile: dict, device: torch.device, seed: int) -> tuple:
+    """(q, key_cache, value_cache, block_table, seq_lens, query_start_loc): `batch` sequences of `ctx` cached
+    keys (this step's `q_len` included) on shuffled pages."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    heads, dim, page = profile["heads"], profile["head_dim"], profile["page"]
+    pages = -(-ctx // page)
+    order = torch.randperm(batch * pages, generator=torch.Generator().manual_seed(seed))
+    block_table = order.to(device=device, dtype=torch.int32).view(batch, pages)
+    key_cache = torch.randn(batch * pages, page, heads, dim, device=device, dtype=DTYPE, generator=g)
+    value_cache = torch.randn(batch * pages, page, heads, dim, device=device, dtype=DTYPE, generator=g)
+    q = torch.randn(batch * q_len, heads, dim, device=device, dtype=DTYPE, generator=g)
+    seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+    query_start_loc = torch.arange(0, batch * q_len + 1, q_len, device=device, dtype=torch.int32)
+    return q, key_cache, value_cache, block_table, seq_lens, query_start_loc
+
+
+def _attention_work(batch: int, first: int, q_len: int, window_left: int | None, profile: dict) -> tuple[int, int]:
+    """(unique bytes, FLOPs) of a step of `q_len` queries at positions first.. per sequence."""
+    heads, dim, elt = profile["heads"], profile["head_dim"], DTYPE.itemsize
+    w = math.inf if window_left is None else window_left
+    lo, seq_len = max(0, first - w), first + q_len
+    keys_loaded = seq_len - lo
+    visible = sum(min(t + 1, w + 1) for t in range(first, seq_len))  # keys each query attends to
+    kv = batch * keys_loaded * heads * dim * 2 * elt
+    qo = 2 * batch * q_len * heads * dim * elt
+    return int(kv + qo), int(4 * heads * dim * visible * batch)
+
+
+def attention_cases(profile: dict, timer: Timer, rates: dict[str, float]) -> list[KernelCase]:
+    device, out = timer.device, []
+    scale = profile["head_dim"] ** -0.5
+    shapes = [("decode", b, ctx, 1, ctx) for b in profile["decode_batches"] for ctx in profile["decode_ctxs"]]
+    n_seq, prefill_len, chunks = profile["prefill"]
+    shapes += [("prefill", n_seq, prefill_len, chunk, prefill_len) for chunk in chunks]
+    for kind, batch, ctx, q_len, total in shapes:
+        for layer, window in (("S", profile["window_left"]), ("L", None)):
+            name = (f"attn decode {layer} b={batch} ctx={ctx}" if kind == "decode"
+                    else f"attn prefill {layer} {batch}x{total} chunk={q_len}")  # fmt: skip
+            case = KernelCase(name)
+            out.append(case)
+            print(f"  {name}", flush=True)
+            try:
+                _attention_case(case, kind, batch, total, q_len, window, scale, profile, timer, rates, device)
+            except Exception as e:  # one failing case must not hide the others' numbers
+                case.error = f"{type(e).__name__}: {e}"
+                print(f"    FAILED: {case.error}", flush=True)
+    return out
+
+
+def _attention_case(
+    case: KernelCase, kind: str, batch: int, total: int, q_len: int, window: int | None, scale: float,
+    profile: dict, timer: Timer, rates: dict[str, float], device: torch.device,
+) -> None:
+    # decode: one step at the end of `total` keys; prefill: the whole of `total` tokens in chunks of `q_len`
+    starts = [total - 1] if kind == "decode" else list(range(0, total, q_len))
+    steps = []
+    for i, first in enumerate(starts):
+        q, kc, vc, bt, sl, qsl = _paged_inputs(batch, total, q_len, profile, device, seed=1000 + i)
+        sl = torch.full_like(sl, first + q_len)  # the chunk's keys are already in the cache, later ones unseen
+        steps.append((q, kc, vc, bt, sl, qsl, first + q_len))
+    case.bytes = case.flops = 0
+    for _, _, _, _, _, _, seq_len in steps:
+        b, f = _attention_work(batch, seq_len - q_len, q_len, window, profile)
+        case.bytes, case.flops = case.bytes + b, case.flops + f
+    state: dict[str, list[torch.Tensor]] = {}
+
+    def refresh() -> None:
+        state["q"] = [torch.randn_like(s[0]) for s in steps]
+
+    def run() -> list[torch.Tensor]:
+        return [
+            attention.paged_attention_triton(
+                q, kc, vc, bt, sl, qsl, scale, window, max_query_len=q_len, max_seq_len=seq_len
+            )
+            for q, (_, kc, vc, bt, sl, qsl, seq_len) in zip(state["q"], steps)
+        ]
+
+    out_shape = (batch * q_len, profile["heads"], profile["head_dim"])
+    _time_case(case, timer, profile, out_shape, refresh, run, launches=len(steps))
+    err = 0.0
+    ok = True
+    atol, rtol = ATTN_TOL
+    for q, kc, vc, bt, sl, qsl, seq_len in steps:
+        got = attention.paged_attention_triton(q, kc, vc, bt, sl, qsl, scale, window, max_query_len=q_len,
+                                               max_seq_len=seq_len)  # fmt: skip
+        ref = attention.paged_attention_reference(q, kc, vc, bt, sl, qsl, scale, window)
+        diff = (got.float() - ref.float()).abs()
+        err = max(err, float(diff.max()))
+        ok &= bool((diff <= atol + rtol * ref.float().abs()).all())
+    case.max_abs_err = err
+    _finish(case, rates, ok)
+
+
+def gemm_cases(profile: dict, timer: Timer, rates: dict[str, float]) -> list[KernelCase]:
+    device, out = timer.device, []
+    k, n = profile["gemm_kn"]
+    g = torch.Generator(device=device).manual_seed(7)
+    w = (torch.randn(n, k, device=device, dtype=DTYPE, generator=g) / 40).contiguous()
+    for m in profile["gemm_ms"]:
+        case = KernelCase(f"relu2_linear M={m} K={k} N={n}")
+        out.append(case)
+        print(f"  {case.name}", flush=True)
+        try:
+            _gemm_case(case, m, w, g, profile, timer, rates)
+        except Exception as e:
+            case.error = f"{type(e).__name__}: {e}"
+            print(f"    FAILED: {case.error}", flush=True)
+    return out
+
+
+def _gemm_case(
+    case: KernelCase, m: int, w: torch.Tensor, g: torch.Generator, profile: dict, timer: Timer, rates: dict[str, float]
+) -> None:
+    n, k = w.shape
+    state: dict[str, torch.Tensor] = {}
+
+    def refresh() -> None:
+        state["x"] = torch.randn(m, k, device=timer.device, dtype=DTYPE)
+
+    case.bytes = (m * k + n * k + m * n) * DTYPE.itemsize
+    case.flops = 2 * m * n * k
+    _time_case(case, timer, profile, (m, n), refresh, lambda: [relu2.relu2_linear_triton(state["x"], w)])
+    case.torch_ms, _ = timer.median_ms(
+        lambda: relu2.relu2_linear_reference(state["x"], w), profile["reps"], profile["warmup"], refresh
+    )
+    x = torch.randn(m, k, device=timer.device, dtype=DTYPE, generator=g)
+    got, ref = relu2.relu2_linear_triton(x, w).float(), relu2.relu2_linear_reference(x, w).float()
+    case.max_abs_err = float((got - ref).abs().max())
+    atol, rtol = GEMM_TOL
+    _finish(case, rates, bool(((got - ref).abs() <= atol * ref.abs().max() + rtol * ref.abs()).all()))
+
+
+def run_kernels(out_path: Path, dry_run: bool) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
+    profile = DRY_PROFILE if dry_run else GPU_PROFILE
+    timer = Timer(device)
+    t0 = time.time()
+    rates = {
+        "cuda": device.type == "cuda",
+        "copy_gbps": copy_rate_gbps(timer, profile["copy_bytes"]),
+        "gemm_tflops": gemm_rate_tflops(timer, profile["gemm_rate_n"], DTYPE),
+    }
+    print(f"  measured: copy {rates['copy_gbps']:.0f} GB/s, bf16 GEMM {rates['gemm_tflops']:.1f} TFLOP/s", flush=True)
+    cases = attention_cases(profile, timer, rates) + gemm_cases(profile, timer, rates)
+    result = {
+        "device": device_info(device), "dry_run": dry_run, "rates": rates, "seconds": round(time.time() - t0, 1),
+        "kernels": [asdict(c) for c in cases],
+    }  # fmt: skip
+    out_path.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    failed = [c.name for c in cases if not c.ok]
+    print(f"  {len(cases) - len(failed)}/{len(cases)} kernel cases ok" + (f"; FAILED: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _json_default(o: object) -> object:
+    return str(o)
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def report(out_dir: Path) -> int:
+    """Merge the step files into OUT/gpu_check.json and print the summary table; non-zero if anything failed."""
+    parts: dict[str, object] = {}
+    for name in ("env", "kernel_tests", "kernel_tests_builtin", "kernels", "decode"):
+        path = out_dir / f"{name}.json"
+        parts[name] = json.loads(path.read_text()) if path.exists() else None
+    steps = {}
+    if (out_dir / "steps.tsv").exists():  # written by scripts/gpu_check.sh: name, exit code, seconds
+        for line in (out_dir / "steps.tsv").read_text().splitlines():
+            name, rc, seconds = line.split("\t")
+            steps[name] = {"rc": int(rc), "seconds": int(seconds)}
+    summary = {**parts, "steps": steps, "ok": bool(steps) and all(s["rc"] == 0 for s in steps.values())}
+    (out_dir / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    env = parts["env"] or {}
+    print(f"\n=== GPU check: {env.get('name', '?')} | torch {env.get('torch')} | triton {env.get('triton')} | "
+          f"{'DRY RUN (CPU, interpreter): times mean nothing' if env.get('dry_run') else 'compiled'}")  # fmt: skip
+    for step, s in steps.items():
+        print(f"  step {step:<13} exit {s['rc']:>3}  {s['seconds']:>5} s")
+    for key in ("kernel_tests", "kernel_tests_builtin"):
+        tests = parts[key]
+        if tests:
+            print(f"  kernel tests ({tests['runner']}): {tests['passed']} passed, {tests['failed']} failed "
+                  f"{tests['failures'] or ''}")  # fmt: skip
+    kern = parts["kernels"]
+    if kern:
+        r = kern["rates"]
+        print(f"\nkernels (bf16; floor = max(bytes / copy {r['copy_gbps']:.0f} GB/s, FLOPs / GEMM "
+              f"{r['gemm_tflops']:.1f} TFLOP/s))")  # fmt: skip
+        print(f"{'case':<40} {'ms':>8} {'torch ms':>9} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'%floor':>7} "
+              f"{'max err':>8} ok")  # fmt: skip
+        for c in kern["kernels"]:
+            print(f"{c['name']:<40} {_fmt(c['ms'], '8.3f')} {_fmt(c['torch_ms'], '9.3f')} {_fmt(c['gbps'], '7.0f')} "
+                  f"{_fmt(c['pct_copy'], '6.0f')} {_fmt(c['tflops'], '8.1f')} {_fmt(c['pct_floor'], '7.0f')} "
+                  f"{_fmt(c['max_abs_err'], '8.1e')} {'yes' if c['ok'] else 'NO: ' + str(c['error'])}")  # fmt: skip
+    dec = parts["decode"]
+    if dec:
+        print(f"\nwhole-model decode step ({dec['model']}, bf16, paged KV, ctx {dec['ctx']}): parity "
+              f"fp32 {'ok' if dec['parity_fp32']['ok'] else 'FAILED'}, bf16 "
+              f"{'ok' if dec['parity_bf16']['ok'] else 'FAILED'}")  # fmt: skip
+        print(f"{'windows':<9} {'batch':>5} {'graph':>6} {'ms/step':>8} {'tok/s':>9} {'eager tok/s':>11} "
+              f"{'%roofline':>9} {'%copy-roof':>10} {'KV GB':>6} note")  # fmt: skip
+        for row in dec["rows"]:
+            print(f"{row['windows']:<9} {row['batch']:>5} {'yes' if row['graph'] else 'no':>6} "
+                  f"{_fmt(row['ms'], '8.3f')} {_fmt(row['tok_s'], '9.0f')} {_fmt(row['eager_tok_s'], '11.0f')} "
+                  f"{_fmt(row['pct_roofline'], '9.0f')} {_fmt(row['pct_copy_roofline'], '10.0f')} "
+                  f"{_fmt(row['kv_gb'], '6.1f')} {row['note'] or ''}")  # fmt: skip
+    print(f"\nfull results: {out_dir / 'gpu_check.json'}")
+    print(f"=== GPU check: {'PASSED' if summary['ok'] else 'FAILED'}")
+    return 0 if summary["ok"] else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    k = sub.add_parser("kernels", help="time the kernels, write JSON")
+    k.add_argument("--out", type=Path, required=True)
+    k.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    r = sub.add_parser("report", help="merge the step files of OUT and print the table")
+    r.add_argument("out_dir", type=Path)
+    args = parser.parse_args()
+    return run_kernels(args.out, args.dry_run) if args.cmd == "kernels" else report(args.out_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Timing helpers of the GPU check (benchmarks/gpu_check.py, benchmarks/paged_decode.py): torch and triton only.
+
+On CUDA a time is the median of CUDA-event intervals, warm-up runs excluded, with L2 flushed (a 256 MB buffer
+zeroed) before every timed run. The dry run (`scripts/gpu_check.sh --dry-run`: CPU tensors, Triton's interpreter)
+takes the same code path with `time.perf_counter` and no flush, so its times mean nothing; only that it runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+L2_FLUSH_BYTES = 256 << 20  # > the 50 MB L2 of an H100 / H200
+
+
+class Timer:
+    """Median time of a callable on one device; `prepare` runs before each call, outside the timed interval."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if self.cuda else None
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def flush_l2(self) -> None:
+        if self._flush is not None:
+            self._flush.zero_()
+
+    def median_ms(
+        self, fn: Callable[[], object], reps: int, warmup: int, prepare: Callable[[], None] | None = None,
+        check: Callable[[object], None] | None = None,
+    ) -> tuple[float, list[float]]:
+        """(median ms, every timed ms). `check(result)` runs after each timed call, untimed."""
+        for _ in range(warmup):
+            if prepare is not None:
+                prepare()
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            self.flush_l2()
+            if prepare is not None:
+                prepare()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                result = fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                result = fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            if check is not None:
+                check(result)
+            del result
+        return statistics.median(times), times
+
+
+def copy_rate_gbps(timer: Timer, nbytes: int, reps: int = 10) -> float:
+    """Device-to-device copy rate, counting the read and the write: the bandwidth a kernel can hope for."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=timer.device).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms, _ = timer.median_ms(lambda: dst.copy_(src), reps=reps, warmup=2)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def gemm_rate_tflops(timer: Timer, n: int, dtype: torch.dtype, reps: int = 10) -> float:
+    """Dense n x n x n matmul rate: the compute a kernel can hope for."""
+    a = torch.randn(n, n, device=timer.device, dtype=dtype)
+    b = torch.randn(n, n, device=timer.device, dtype=dtype)
+    ms, _ = timer.median_ms(lambda: a @ b, reps=reps, warmup=2)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def device_info(device: torch.device) -> dict[str, object]:
+    info: dict[str, object] = {"device": str(device), "torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            name=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+        )  # fmt: skip
+    else:
+        info["name"] = "cpu (dry run, TRITON_INTERPRET=1)"
+    return info

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# GPU evidence in one command: our Triton kernels and a whole-model paged decode step, measured on a bare CUDA
+# machine (torch, triton, safetensors, tiktoken, tokenizers, transformers; no vLLM/SGLang, no pip install, no
+# network). Fields of the table and the JSON: docs/performance.md, "The GPU check".
+#
+#   bash scripts/gpu_check.sh [OUTDIR]             # on a CUDA machine; OUTDIR defaults to $OUT; <= 8 min on an H100
+#   bash scripts/gpu_check.sh --dry-run [OUTDIR]   # the same steps at tiny shapes on CPU, TRITON_INTERPRET=1 (~1-2 min)
+#
+# Steps (each under its own time limit, all run even if one fails; exit 1 if any failed):
+#   env           device, versions                                               -> OUTDIR/env.json
+#   kernel-tests  tests/test_kernels.py, compiled on CUDA (pytest, or the builtin
+#                 runner of benchmarks/gpu_kernel_tests.py where pytest is absent) -> OUTDIR/kernel_tests.json
+#   kernels       benchmarks/gpu_check.py kernels: attention and relu2_linear timings -> OUTDIR/kernels.json
+#   decode        benchmarks/paged_decode.py: 1.38B factory model, paged decode step  -> OUTDIR/decode.json
+#   report        the table last; everything merged into OUTDIR/gpu_check.json
+# Python: $PYTHON, else python3 (--dry-run: .venv/vllm/bin/python where it exists). The package need not be
+# installed: cognica and tests import from the repository, cognica_kernels through a link to kernels/.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+DRY=0
+OUTDIR=""
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+    *) OUTDIR=$arg ;;
+  esac
+done
+OUTDIR=${OUTDIR:-${OUT:-}}
+if [ -z "$OUTDIR" ]; then
+  echo "gpu_check.sh: give the results folder as an argument or in \$OUT" >&2
+  exit 2
+fi
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || exit 2
+rm -f "$OUTDIR"/{env,kernel_tests,kernel_tests_builtin,kernels,decode,gpu_check}.json "$OUTDIR/steps.tsv"
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ $DRY -eq 1 ] && [ -x "$REPO/.venv/vllm/bin/python" ]; then PY=$REPO/.venv/vllm/bin/python
+else PY=python3
+fi
+SHIM=$(mktemp -d)
+trap 'rm -rf "$SHIM"' EXIT
+ln -s "$REPO/kernels" "$SHIM/cognica_kernels"  # setup.py: package_dir={"cognica_kernels": "kernels"}
+export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+if [ $DRY -eq 1 ]; then
+  # the interpreter must be chosen before triton is imported; CPU tensors only
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  DRYFLAG=(--dry-run)
+  LIMITS=(60 120 120 240)  # env, kernel-tests, kernels, decode (s); CPU-bound, the machine may be shared
+else
+  unset TRITON_INTERPRET
+  DRYFLAG=()
+  LIMITS=(60 150 110 170)  # 490 s in all at worst; the device tool allows 600 s per call
+  if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "gpu_check.sh: torch sees no CUDA device; on a machine without one run: bash scripts/gpu_check.sh --dry-run DIR" >&2
+    exit 2
+  fi
+fi
+cd "$REPO" || exit 2
+T0=$SECONDS
+status=0
+step() {  # name, limit_s, command...
+  local name=$1 limit=$2; shift 2
+  echo "=== [$((SECONDS - T0)) s] $name (limit ${limit} s): $*"
+  local t=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"; local rc=$?
+  [ $rc -eq 124 ] && echo "=== $name: TIMED OUT after ${limit} s"
+  echo "=== [$((SECONDS - T0)) s] $name: exit $rc in $((SECONDS - t)) s"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t))" >> "$OUTDIR/steps.tsv"
+  [ $rc -eq 0 ] || status=1
+}
+
+COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+step env "${LIMITS[0]}" "$PY" -c '
+import datetime, json, platform, sys, importlib.util, torch
+sys.path.insert(0, "benchmarks")
+from gpu_timing import device_info
+info = device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+info.update(python=platform.python_version(), dry_run=sys.argv[2] == "1", commit=sys.argv[3],
+            pytest=importlib.util.find_spec("pytest") is not None,
+            date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+open(sys.argv[1], "w").write(json.dumps(info, indent=1) + "\n")
+print(info)' "$OUTDIR/env.json" "$DRY" "$COMMIT"
+if [ $DRY -eq 1 ]; then
+  # scripts/test.sh runs all of test_kernels.py already; here a subset through both runners
+  step kernel-tests "${LIMITS[1]}" "$PY" benchmarks/gpu_kernel_tests.py --out "$OUTDIR/kernel_tests.json" \
+    --runner pytest -k "relu2_linear_matches or dispatch"
+  step kernel-tests-builtin "${LIMITS[1]}" "$PY" benchmarks/gpu_kernel_tests.py \
+    --out "$OUTDIR/kernel_tests_builtin.json" --runner builtin -k "decode_matches or dispatch"
+else
+  step kernel-tests "${LIMITS[1]}" "$PY" benchmarks/gpu_kernel_tests.py --out "$OUTDIR/kernel_tests.json"
+fi
+step kernels "${LIMITS[2]}" "$PY" benchmarks/gpu_check.py kernels --out "$OUTDIR/kernels.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
+step decode "${LIMITS[3]}" "$PY" benchmarks/paged_decode.py --out "$OUTDIR/decode.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
+echo "=== [$((SECONDS - T0)) s] report"
+"$PY" benchmarks/gpu_check.py report "$OUTDIR" || status=1
+echo "=== gpu_check.sh: $((SECONDS - T0)) s, exit $status"
+exit $status
