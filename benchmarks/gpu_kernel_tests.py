@@ -1,6 +1,7 @@
 """Run tests/test_kernels.py (compiled on CUDA, interpreted on CPU) and write the outcome as JSON.
 
     python benchmarks/gpu_kernel_tests.py --out OUT/kernel_tests.json [--runner auto|pytest|builtin] [-k EXPR]
+                                          [--file tests/test_kernels.py]
 
 With pytest importable (`--runner auto`, the default) this is `pytest tests/test_kernels.py`. The GPU machines
 lent to this project may not have pytest and cannot install it (no network), so without it the builtin runner
@@ -31,7 +32,7 @@ def _selected(test_id: str, expr: str | None) -> bool:
     return expr is None or any(word.strip() in test_id for word in expr.split(" or "))
 
 
-def run_with_pytest(expr: str | None) -> dict[str, object]:
+def run_with_pytest(test_file: Path, expr: str | None) -> dict[str, object]:
     import pytest
 
     outcomes: dict[str, str] = {}
@@ -41,7 +42,7 @@ def run_with_pytest(expr: str | None) -> dict[str, object]:
             if report.when == "call" or report.outcome != "passed":
                 outcomes[report.nodeid] = report.outcome
 
-    args = ["-q", "-p", "no:cacheprovider", str(TEST_FILE)] + (["-k", expr] if expr else [])
+    args = ["-q", "-p", "no:cacheprovider", str(test_file)] + (["-k", expr] if expr else [])
     rc = int(pytest.main(args, plugins=[Collect()]))
     failed = sorted(k for k, v in outcomes.items() if v == "failed")
     passed = sum(v == "passed" for v in outcomes.values())
@@ -112,14 +113,14 @@ def _cases(fn) -> list[tuple[str, dict[str, object]]]:
     return out
 
 
-def run_builtin(expr: str | None) -> dict[str, object]:
+def run_builtin(test_file: Path, expr: str | None) -> dict[str, object]:
     if "pytest" in sys.modules and not hasattr(sys.modules["pytest"], "_builtin_runner"):
         raise RuntimeError("builtin runner: the real pytest is already imported in this process")
     fake = _fake_pytest()
     fake._builtin_runner = True
     sys.modules["pytest"] = fake
     sys.path.insert(0, str(REPO))
-    spec = importlib.util.spec_from_file_location("tests.test_kernels", TEST_FILE)
+    spec = importlib.util.spec_from_file_location(f"tests.{test_file.stem}", test_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     autouse = [f for f in vars(module).values() if callable(f) and getattr(f, "_autouse", False)]
@@ -154,6 +155,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runner", choices=("auto", "pytest", "builtin"), default="auto")
     parser.add_argument("-k", dest="expr", default=None)
+    parser.add_argument("--file", type=Path, default=TEST_FILE, help="the test module (default tests/test_kernels.py)")
     args = parser.parse_args()
     runner = args.runner
     if runner == "auto":
@@ -161,7 +163,8 @@ def main() -> int:
         if runner == "builtin":
             print("pytest is not installed here: running the test functions with the builtin runner", flush=True)
     t0 = time.time()
-    result = run_with_pytest(args.expr) if runner == "pytest" else run_builtin(args.expr)
+    test_file = args.file.resolve()
+    result = run_with_pytest(test_file, args.expr) if runner == "pytest" else run_builtin(test_file, args.expr)
     result["seconds"] = round(time.time() - t0, 1)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     return int(result["rc"])

@@ -236,10 +236,10 @@ def parity(model: PagedCognica, ref32: CognicaGPT, ref16: CognicaGPT | None, pro
         what = f"{len(prompt)}-token prompt"
         try:
             if ref16 is None:
-                assert_fp32_parity(_OnDevice(ref32), prompt, toks, lps, what)
+                assert_fp32_parity(_OnDevice(ref32), prompt, toks, lps, what, n_new=profile["new_tokens"])
             else:
                 tol = bf16_tolerance(_OnDevice(ref32), _OnDevice(ref16), prompt, len(toks))
-                assert_bf16_close(_OnDevice(ref32), prompt, toks, lps, tol, what)
+                assert_bf16_close(_OnDevice(ref32), prompt, toks, lps, tol, what, n_new=profile["new_tokens"])
         except AssertionError as e:
             out["errors"].append(str(e))
     if ref16 is not None:  # informational: how many bf16 greedy tokens equal the bf16 reference's own
