@@ -5,27 +5,51 @@ The model keeps vLLM's `Attention` layer (it owns the KV-cache spec, so the hybr
 each layer's blocks by its window). On CUDA with the FLASH_ATTN backend and `COGNICA_KERNELS=triton` (the
 default there) the model calls `cognica_paged_attention` instead of `Attention.forward`: the op writes this step's
 K/V through the backend's own `do_kv_cache_update`, then runs the Triton kernel on the same cache through the
-layer's block table, touching only in-window blocks on S layers. Elsewhere (CPU, other backends,
-`COGNICA_KERNELS=engine`) vLLM's built-in attention runs. Like vLLM's own attention op, this one is opaque to
-torch.compile and splits the graph, so it reads each step's metadata eagerly.
+layer's block table, touching only in-window blocks on S layers. Elsewhere (CPU, other backends, a KV cache
+stored in another dtype such as `--kv-cache-dtype fp8`, `COGNICA_KERNELS=engine`) vLLM's built-in attention runs.
+Like vLLM's own attention op, this one is opaque to torch.compile and splits the graph
+("vllm::cognica_paged_attention"), so it reads each step's metadata eagerly.
+
+Under FULL CUDA graphs the op is captured: the kernel variant it launches must then not depend on the capture
+run's metadata. vLLM warms each graph up with `max_seq_len` = the dummy query length (1 for decode) and captures
+with `max_seq_len = max_model_len` (vllm/v1/worker/gpu_model_runner.py:2284-2286, 5719-5720), so the op sizes the
+split-K factor from the static `max_model_len` instead: warm-up compiles the variant that capture records.
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from cognica_kernels import engine_uses_triton
-from cognica_vllm.smear import layer_cache, layer_metadata, split_graph_at
+from cognica_vllm.forward_context import layer_cache, layer_metadata, op_name, split_graph_at
 
-OP_NAME = "vllm.cognica_paged_attention"
+logger = init_logger(f"vllm.{__name__}")
+
+OP_NAME = op_name("cognica_paged_attention")
 SUPPORTED_BACKENDS = ("FLASH_ATTN",)  # KV layout [num_blocks, num_kv_heads, block_size, 2 * head_size]
 
 
-def use_cognica_attention(backend_name: str, is_cuda: bool) -> bool:
-    """The Triton path: CUDA, a backend whose cache layout we read, and not opted out (COGNICA_KERNELS)."""
-    return engine_uses_triton(is_cuda) and backend_name in SUPPORTED_BACKENDS
+def use_cognica_attention(backend_name: str, is_cuda: bool, kv_cache_dtype: torch.dtype | None = None,
+                          dtype: torch.dtype | None = None) -> bool:
+    """The Triton path: CUDA, a backend whose cache layout we read, a KV cache stored in the model's dtype (the
+    kernel reads it as q's dtype; `Attention.kv_cache_torch_dtype` is fp8 under `--kv-cache-dtype fp8`,
+    vllm/model_executor/layers/attention/attention.py:323), and not opted out (COGNICA_KERNELS)."""
+    if not engine_uses_triton(is_cuda) or backend_name not in SUPPORTED_BACKENDS:
+        return False
+    if kv_cache_dtype is not None and dtype is not None and kv_cache_dtype != dtype:
+        logger.info("cognica: the KV cache is stored as %s, not the model's %s: using vLLM's %s attention instead "
+                    "of the cognica_kernels Triton kernel", kv_cache_dtype, dtype, backend_name)
+        return False
+    return True
+
+
+def kernel_lengths(meta, max_model_len: int) -> dict[str, int]:
+    """The host-side lengths the kernel launch takes: the step's `max_query_len`, and the static `max_model_len`
+    for `max_seq_len` so that the split-K variant is the same at warm-up, capture and replay (module docstring)."""
+    return {"max_query_len": meta.max_query_len, "max_seq_len": max_model_len}
 
 
 def register_splitting(vllm_config) -> None:
@@ -33,7 +57,7 @@ def register_splitting(vllm_config) -> None:
 
 
 def cognica_paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor,
-                                 layer_name: str, window_left: int) -> None:
+                                 layer_name: str, window_left: int, max_model_len: int) -> None:
     from cognica_kernels.attention import paged_attention
 
     ctx = get_forward_context()
@@ -49,12 +73,12 @@ def cognica_paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     n = meta.num_actual_tokens
     out = paged_attention(q[:n], key_cache, value_cache, meta.block_table, meta.seq_lens, meta.query_start_loc,
                           attn.impl.scale, window_left if window_left >= 0 else None,
-                          max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
+                          **kernel_lengths(meta, max_model_len))
     output[:n] = out.flatten(-2)
 
 
 def cognica_paged_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor,
-                                 layer_name: str, window_left: int) -> None:
+                                 layer_name: str, window_left: int, max_model_len: int) -> None:
     return None
 
 
@@ -67,8 +91,9 @@ direct_register_custom_op(
 
 
 def cognica_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_name: str,
-                            window_left: int | None) -> torch.Tensor:
+                            window_left: int | None, max_model_len: int) -> torch.Tensor:
     """q [tokens, heads * hd], k/v [tokens, kv_heads * hd] -> [tokens, heads * hd]; window_left None = full."""
     out = torch.empty_like(q)
-    torch.ops.vllm.cognica_paged_attention(q, k, v, out, layer_name, -1 if window_left is None else window_left)
+    torch.ops.vllm.cognica_paged_attention(q, k, v, out, layer_name, -1 if window_left is None else window_left,
+                                           max_model_len)
     return out

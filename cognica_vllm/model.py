@@ -123,9 +123,12 @@ class CognicaAttention(nn.Module):
                               per_layer_sliding_window=window, prefix=f"{prefix}.attn")
         from vllm.platforms import current_platform
 
-        self.triton_attention = use_cognica_attention(self.attn.attn_backend.get_name(), current_platform.is_cuda())
+        vllm_config = get_current_vllm_config()
+        self.max_model_len = max_model_len
+        self.triton_attention = use_cognica_attention(self.attn.attn_backend.get_name(), current_platform.is_cuda(),
+                                                      self.attn.kv_cache_torch_dtype, vllm_config.model_config.dtype)
         if self.triton_attention:
-            register_splitting(get_current_vllm_config())
+            register_splitting(vllm_config)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
         qkv, _ = self.qkv_proj(h)
@@ -137,7 +140,7 @@ class CognicaAttention(nn.Module):
         q, k = layers.qk_norm(q.unflatten(-1, (-1, self.head_dim)), k.unflatten(-1, (-1, self.head_dim)))
         q, k = q.flatten(-2), k.flatten(-2)
         if self.triton_attention:
-            out = cognica_paged_attention(q, k, v, self.attn.layer_name, self.window_left)
+            out = cognica_paged_attention(q, k, v, self.attn.layer_name, self.window_left, self.max_model_len)
         else:
             out = self.attn(q, k, v)
         out, _ = self.c_proj(out)
@@ -230,6 +233,7 @@ class CognicaPoEForCausalLM(nn.Module, SupportsPP):
             open_checkpoint(model_path)  # names, shapes, dtypes, files: fail before any allocation
         cfg = cognica_config(vllm_config.model_config.hf_config)
         self.config = cfg
+        refuse_longer_context(vllm_config.model_config.max_model_len, cfg)
         self.model = CognicaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(padded_vocab(cfg), cfg.n_embd, quant_config=vllm_config.quant_config,
@@ -315,6 +319,15 @@ def use_upcast_linear(model: nn.Module) -> int:
                     "matmul instructions; +%.2f GiB; COGNICA_CPU_LINEAR=off to disable)", switched,
                     str(dtype).removeprefix("torch."), min_rows(), extra / 2**30)
     return switched
+
+
+def refuse_longer_context(max_model_len: int, cfg: CognicaConfig) -> None:
+    """vLLM refuses a max_model_len above max_position_embeddings (= sequence_len) unless
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (vllm/config/model.py:2639-2666); past the training context the L layers would
+    become sliding layers and RoPE would see untrained positions, none of it tested: refuse it here too."""
+    if max_model_len > cfg.sequence_len:
+        raise ValueError(f"cognica: max_model_len {max_model_len} is longer than the {cfg.sequence_len}-token context "
+                         f"the model was trained with; use --max-model-len {cfg.sequence_len} or less")
 
 
 def vllm_name(name: str) -> str:

@@ -14,8 +14,15 @@ keep stale ids for old positions; a full layer's table is valid for every earlie
 
 Why a custom op: inside `@support_torch_compile` code, Python branches on the forward context are
 traced once (during warm-up, when there is no metadata) and frozen; the smear would silently never
-run. The op is opaque to Dynamo (a fake impl gives its shape) and is added to the splitting ops, so
-under CUDA piecewise graphs it runs eagerly every step with that step's metadata.
+run. The op is opaque to Dynamo and is added to the splitting ops ("vllm::cognica_smear_prev_ids"), so
+under CUDA piecewise graphs it runs eagerly every step with that step's metadata. It writes into an output the
+caller allocated inside the compiled graph (`mutates_args`, as vLLM's `unified_attention_with_output`): a
+piecewise graph replays with the input addresses it captured and copies nothing
+(vllm/compilation/cuda_graph.py:346-361), so a fresh tensor returned by an eager op would never be seen.
+
+CUDA graphs also pad the batch (FULL decode graphs pad the request count): padded tokens have slot -1 and sit at or
+after `query_start_loc[-1]`, which repeats the last real offset; they are masked and their indices clamped, so
+the op reads and writes nothing of theirs (see `record_and_read`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
-OP_NAME = "vllm.cognica_smear_prev_ids"
+from cognica_vllm.forward_context import cache_block_size, layer_cache, layer_metadata, op_name, split_graph_at
+
+OP_NAME = op_name("cognica_smear_prev_ids")
 
 
 class SmearState(nn.Module):
@@ -36,7 +45,6 @@ class SmearState(nn.Module):
         super().__init__()
         self.name = prefix
         self.attn_layer_name = attn_layer_name
-        self.cache_config = vllm_config.cache_config  # block_size is final only once the cache exists
         self.slot_ids: torch.Tensor | None = None  # [num_slots + 1]; the last entry is padding scratch
         compilation = vllm_config.compilation_config
         if prefix in compilation.static_forward_context:
@@ -44,76 +52,76 @@ class SmearState(nn.Module):
         compilation.static_forward_context[prefix] = self
         split_graph_at(vllm_config, OP_NAME)
 
-    def buffer(self, kv_cache: torch.Tensor, num_kv_heads: int, head_size: int) -> torch.Tensor:
-        """The buffer, sized from the bound KV cache of the full-attention layer on first use."""
-        num_slots = kv_cache.numel() // (2 * num_kv_heads * head_size)
+    def buffer(self, num_slots: int, device: torch.device) -> torch.Tensor:
+        """The buffer, sized from the bound KV cache of the full-attention layer on first use (a warm-up or
+        profiling run with metadata, which vLLM runs eagerly before it captures a graph)."""
         if self.slot_ids is None or self.slot_ids.numel() != num_slots + 1:
-            self.slot_ids = torch.full((num_slots + 1,), -1, dtype=torch.int32, device=kv_cache.device)
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # a fill captured in a graph would wipe the buffer at every replay
+                raise RuntimeError("cognica smear: the slot-token buffer must exist before CUDA graph capture")
+            self.slot_ids = torch.full((num_slots + 1,), -1, dtype=torch.int32, device=device)
         return self.slot_ids
 
 
-def split_graph_at(vllm_config: VllmConfig, op_name: str) -> None:
-    """Make `op_name` a splitting op: under piecewise CUDA graphs it then runs eagerly with each step's metadata."""
-    ops = vllm_config.compilation_config.splitting_ops
-    if ops is not None and op_name not in ops:
-        ops.append(op_name)
+def record_and_read(out: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, slot_ids: torch.Tensor,
+                    block_size: int, block_table: torch.Tensor, query_start_loc: torch.Tensor,
+                    slot_mapping: torch.Tensor, num_tokens: int) -> None:
+    """Write this step's token ids at their KV slots, then `out[i]` = the id at the slot of position p-1 of token
+    i's sequence (-1 at position 0 and for padding). No host sync, no data-dependent shapes: graph-capturable.
+
+    Padding (CUDA graphs): tokens from `query_start_loc[-1]` on are padding (vLLM fills the padded tail of
+    `query_start_loc` with the last real offset: gpu_model_runner.py:2033, gpu/model_runner.py:1432) and
+    have slot -1 (gpu_model_runner.py:3904); `num_tokens` may count them (FULL graphs pass the padded count,
+    gpu_model_runner.py:2404). Their request index would be one past the block table, so it is clamped, and they
+    neither write nor read.
+    """
+    n = num_tokens
+    scratch = slot_ids.numel() - 1
+    token = torch.arange(n, device=input_ids.device)
+    real = token < query_start_loc[-1].long()
+    write = slot_mapping[:n].long()
+    slot_ids[torch.where(real & (write >= 0), write, scratch)] = input_ids[:n].to(torch.int32)
+    # slot of position p-1 of the same sequence, through the full layer's block table
+    pos = positions[:n].long()
+    req = torch.searchsorted(query_start_loc[1:].long(), token, right=True).clamp(max=block_table.shape[0] - 1)
+    p = (pos - 1).clamp(min=0)
+    block = block_table[req, (p // block_size).clamp(max=block_table.shape[1] - 1)].long()
+    has_prev = real & (pos > 0)
+    prev_slot = torch.where(has_prev, block * block_size + p % block_size, scratch).clamp(0, scratch)
+    out[:n] = torch.where(has_prev, slot_ids[prev_slot].to(out.dtype), -1)
+    out[n:] = -1
 
 
-def layer_metadata(attn_metadata, layer_name: str):
-    """This step's attention metadata of one layer (None in profiling and dummy runs)."""
-    if isinstance(attn_metadata, list):  # micro-batching / speculative decoding: [0] is the base model
-        attn_metadata = attn_metadata[0] if attn_metadata else None
-    if isinstance(attn_metadata, dict):
-        return attn_metadata.get(layer_name)
-    return attn_metadata
-
-
-def layer_cache(ctx, layer_name: str, meta) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """One attention layer's module, bound KV cache and this step's slot mapping (the forward context's per-layer
-    mapping where there is one, else the metadata's)."""
-    attn = ctx.no_compile_layers[layer_name]
-    kv_cache = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
-    slot_mapping = ctx.slot_mapping.get(layer_name) if isinstance(ctx.slot_mapping, dict) else None
-    return attn, kv_cache, meta.slot_mapping if slot_mapping is None else slot_mapping
-
-
-def smear_prev_ids_impl(input_ids: torch.Tensor, positions: torch.Tensor, state_name: str) -> torch.Tensor:
+def smear_prev_ids_impl(input_ids: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, state_name: str) -> None:
     ctx = get_forward_context()
-    prev = torch.full_like(input_ids, -1)
     state: SmearState = ctx.no_compile_layers[state_name]
     meta = layer_metadata(ctx.attn_metadata, state.attn_layer_name)
     if meta is None:  # profiling / dummy run: no KV cache yet, nothing to remember
-        return prev
+        out.fill_(-1)
+        return
     attn, kv_cache, slot_mapping = layer_cache(ctx, state.attn_layer_name, meta)
     if kv_cache.numel() == 0:
-        return prev
-    slots = state.buffer(kv_cache, attn.num_kv_heads, attn.head_size)
-    scratch = slots.numel() - 1
-    n = meta.num_actual_tokens
-    write = slot_mapping[:n].long()
-    slots[torch.where(write < 0, scratch, write)] = input_ids[:n].to(torch.int32)
-    # slot of position p-1 of the same sequence, through the full layer's block table
-    pos = positions[:n].long()
-    req = torch.searchsorted(meta.query_start_loc[1:].long(), torch.arange(n, device=pos.device), right=True)
-    p = (pos - 1).clamp(min=0)
-    bs = state.cache_config.block_size
-    prev_slot = meta.block_table[req, p // bs].long() * bs + p % bs
-    prev[:n] = torch.where(pos > 0, slots[prev_slot].to(prev.dtype), -1)
-    return prev
+        out.fill_(-1)
+        return
+    num_slots, block_size = cache_block_size(kv_cache, attn.num_kv_heads, attn.head_size)
+    record_and_read(out, input_ids, positions, state.buffer(num_slots, kv_cache.device), block_size,
+                    meta.block_table, meta.query_start_loc, slot_mapping, meta.num_actual_tokens)
 
 
-def smear_prev_ids_fake(input_ids: torch.Tensor, positions: torch.Tensor, state_name: str) -> torch.Tensor:
-    return torch.empty_like(input_ids)
+def smear_prev_ids_fake(input_ids: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, state_name: str) -> None:
+    return None
 
 
 direct_register_custom_op(
     op_name="cognica_smear_prev_ids",
     op_func=smear_prev_ids_impl,
     fake_impl=smear_prev_ids_fake,
-    mutates_args=[],
+    mutates_args=["out"],
 )
 
 
 def smear_prev_ids(input_ids: torch.Tensor, positions: torch.Tensor, state_name: str) -> torch.Tensor:
     """Previous token id of each token's sequence (-1 at position 0 and for padding)."""
-    return torch.ops.vllm.cognica_smear_prev_ids(input_ids, positions, state_name)
+    out = torch.empty_like(input_ids)
+    torch.ops.vllm.cognica_smear_prev_ids(input_ids, positions, out, state_name)
+    return out

@@ -217,7 +217,28 @@ def _decode_splits(batch: int, num_kv_heads: int, span: int) -> int:
     Not tuned on a GPU: aim for ~2 programs per SM and at least 256 keys per split, at most 16 splits.
     """
     programs = batch * num_kv_heads
-    return max(1, min(16, triton.cdiv(span, 256), (2 * _NUM_SMS) // programs))
+    return max(1, min(16, -(-span // 256), (2 * _NUM_SMS) // programs))
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
+                   window_left: int | None) -> dict[str, int]:
+    """The compile-time constants a launch picks (each distinct set is one Triton compilation).
+
+    Under a CUDA graph the launch is recorded at capture, so these must depend only on values that are the same at
+    warm-up, capture and replay: the engines pass their static maximum for `max_seq_len` (see `paged_attention`).
+    """
+    group_p2 = _next_power_of_2(num_heads // num_kv_heads)
+    block_q = min(max(1, 64 // group_p2), _next_power_of_2(max_query_len))  # 64-row tiles, untuned
+    num_splits = 1
+    if max_query_len == 1:
+        span = max_seq_len if window_left is None else min(max_seq_len, window_left + 1)
+        num_splits = _decode_splits(batch, num_kv_heads, span)
+    return {"GROUP_P2": group_p2, "BLOCK_Q": block_q, "BLOCK_M": max(16, block_q * group_p2),  # tl.dot: >= 16 rows
+            "NUM_SPLITS": num_splits}
 
 
 def paged_attention_triton(
@@ -258,17 +279,13 @@ def paged_attention_triton(
         return out
 
     group = num_heads // num_kv_heads
-    group_p2 = triton.next_power_of_2(group)
-    block_q = min(max(1, 64 // group_p2), triton.next_power_of_2(max_query_len))  # 64-row tiles, untuned
-    block_m = max(16, block_q * group_p2)  # tl.dot needs >= 16 rows
+    if max_seq_len is None and max_query_len == 1:
+        max_seq_len = int(seq_lens.max())
+    variant = kernel_variant(batch, num_heads, num_kv_heads, max_query_len, max_seq_len or 0, window_left)
+    group_p2, block_q, block_m = variant["GROUP_P2"], variant["BLOCK_Q"], variant["BLOCK_M"]
     block_n = 64
     if num_splits is None:
-        num_splits = 1
-        if max_query_len == 1:
-            span = max_seq_len if max_seq_len is not None else int(seq_lens.max())
-            if window_left is not None:
-                span = min(span, window_left + 1)
-            num_splits = _decode_splits(batch, num_kv_heads, span)
+        num_splits = variant["NUM_SPLITS"]
     assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
 
     if num_splits > 1:
@@ -386,17 +403,22 @@ def token_pool_attention(
     scale: float,
     window_left: int | None,
     softcap: float | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """`paged_attention` over SGLang's token pool (`[num_slots, num_kv_heads, head_dim]`, page size 1).
 
     `query_lens` is `[batch]` new tokens per sequence: `extend_seq_lens` in EXTEND mode, ones in DECODE mode.
     `seq_lens` includes them, as SGLang's does. Slots are indices into the pool the K/V were written to.
+    `max_query_len` / `max_seq_len`: host-side maxima (e.g. from SGLang's `extend_seq_lens_cpu`), which spare the
+    Triton path a device sync per call.
     """
     block_table = block_table_from_req_to_token(req_to_token, req_pool_indices)
     query_start_loc = F.pad(torch.cumsum(query_lens, 0), (1, 0)).to(torch.int32)
     return paged_attention(
         q, k_pool.unsqueeze(1), v_pool.unsqueeze(1), block_table, seq_lens.to(torch.int32), query_start_loc,
-        scale, window_left, softcap,
+        scale, window_left, softcap, max_query_len=max_query_len, max_seq_len=max_seq_len,
     )  # fmt: skip
 
 
