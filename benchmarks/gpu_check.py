@@ -42,8 +42,10 @@ DRY_PROFILE = {
     "copy_bytes": 1 << 20, "gemm_rate_n": 128,
 }  # fmt: skip
 DTYPE = torch.bfloat16
-ATTN_TOL = (2e-2, 2e-2)  # (atol, rtol) as tests/test_kernels.py's BF16
-GEMM_TOL = (5e-2, 3e-2)  # atol is relative to the largest output, as in tests/test_kernels.py
+# (atol, rtol), atol relative to the largest reference output: attention over 2048 random keys averages V down to
+# ~0.03, where an absolute 2e-2 (tests/test_kernels.py's BF16) would pass a kernel that read the wrong keys.
+ATTN_TOL = (2e-2, 2e-2)
+GEMM_TOL = (5e-2, 3e-2)  # as tests/test_kernels.py's bf16 relu2_linear
 
 
 @dataclass
@@ -205,7 +207,7 @@ def _attention_case(
         ref = attention.paged_attention_reference(q, kc, vc, bt, sl, qsl, scale, window)
         diff = (got.float() - ref.float()).abs()
         err = max(err, float(diff.max()))
-        ok &= bool((diff <= atol + rtol * ref.float().abs()).all())
+        ok &= bool((diff <= atol * ref.float().abs().max() + rtol * ref.float().abs()).all())
     case.max_abs_err = err
     _finish(case, rates, ok)
 

@@ -23,7 +23,7 @@ step core .venv/vllm/bin/python -m pytest -q tests/test_config.py tests/test_che
 # the interpreter must be chosen before triton is imported, so the kernel tests get their own process
 step kernels env TRITON_INTERPRET=1 .venv/vllm/bin/python -m pytest -q tests/test_kernels.py
 step kernels-compile .venv/vllm/bin/python -m pytest -q tests/test_kernels_compile.py
-# scripts/gpu_check.sh --dry-run (the GPU check's own steps at tiny shapes on CPU, Triton interpreted): ~1 min idle
+# scripts/gpu_check.sh --dry-run (the GPU check's steps at tiny shapes on CPU, Triton interpreted): 36 s of CPU, 3 min at load 30
 step gpu-check-dry-run .venv/vllm/bin/python -m pytest -q tests/test_gpu_check.py
 step vllm .venv/vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_server.py
 step sglang env SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest -q \

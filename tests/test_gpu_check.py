@@ -30,9 +30,14 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
+    # vLLM and SGLang are not on the GPU machines: importing either fails the dry run (the script keeps PYTHONPATH)
+    blocked = tmp_path_factory.mktemp("no_engines")
+    for engine in ("vllm", "sglang"):
+        (blocked / engine).mkdir()
+        (blocked / engine / "__init__.py").write_text(f"raise ImportError('the GPU check imported {engine}')\n")
     out = tmp_path_factory.mktemp("gpu_check")
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], capture_output=True, text=True, env=_env(),
-                          timeout=900)  # fmt: skip
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], capture_output=True, text=True,
+                          env={**_env(), "PYTHONPATH": str(blocked)}, timeout=900)  # fmt: skip
     summary = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else {}
     return proc, summary
 
