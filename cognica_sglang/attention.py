@@ -4,8 +4,12 @@ The model keeps `RadixAttention` (it owns the layer's window and registers with 
 `COGNICA_KERNELS=triton` (the default there), EXTEND batches (prefill and chunked prefill, which SGLang runs
 outside CUDA graphs) go through `cognica_kernels.token_pool_attention` instead: K/V are written with the pool's
 own `set_kv_buffer` (which translates to the sliding-window pool where the hybrid SWA pool is on), then the Triton
-kernel reads the layer's buffer through `req_to_token` (translated to SWA slots for sliding layers), touching only
-in-window keys. Decode batches stay on the backend's RadixAttention, whose CUDA-graph capture we do not replace.
+kernel reads the layer's buffer through `req_to_token` (translated to SWA slots for the layers the pool keeps in
+its SWA sub-pool), touching only in-window keys. Decode batches stay on the backend's RadixAttention, whose
+CUDA-graph capture we do not replace. The Triton extend path is eager only: inside a prefill CUDA graph (breakable
+or full; SGLang enables them only for a model with a `layers` attribute,
+sglang/srt/model_executor/model_runner_components/cuda_graph_setup.py:629-639) the layer takes RadixAttention,
+whose own `_eager_attention` is the graph break (sglang/srt/layers/radix_attention.py:133-187).
 
 On CPU, DECODE batches go through `cognica_kernels.token_pool_decode_attention` (plain torch, the whole batch in
 one gather of the in-window keys) instead of the torch_native backend's loop over the requests, which cost 14%
@@ -23,11 +27,16 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
+from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import is_in_breakable_cuda_graph
+from sglang.srt.model_executor.runner_utils.prefill_graph import is_in_prefill_graph_scope
 
 from cognica_kernels import KERNELS_ENV, engine_uses_triton
 
 
 def use_triton_attention(is_cuda: bool, forward_batch: ForwardBatch) -> bool:
+    """Extend batches on CUDA, run eagerly: never inside a prefill CUDA graph being captured or replayed."""
+    if is_in_prefill_graph_scope() or is_in_breakable_cuda_graph():
+        return False
     return engine_uses_triton(is_cuda) and forward_batch.forward_mode.is_extend()
 
 
@@ -44,12 +53,20 @@ def _window(attn: RadixAttention) -> int | None:
     return size if size is not None and size >= 0 else None
 
 
+def in_swa_pool(pool, layer_id: int) -> bool:
+    """Whether the hybrid SWA pool keeps this layer in its SWA sub-pool, by the pool's own layer mapping
+    (`SWAKVPool.layers_mapping`, sglang/srt/mem_cache/swa_memory_pool.py:123-127): not "has a window", which an L
+    layer also has once the served context exceeds its window while it stays in the full pool."""
+    mapping = getattr(pool, "layers_mapping", None)
+    return mapping is not None and hasattr(pool, "translate_loc_from_full_to_swa") and mapping[layer_id][1]
+
+
 def _slot_rows(attn: RadixAttention, forward_batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(req_to_token, req_pool_indices) addressing this layer's KV buffer: a sliding layer in the hybrid SWA pool
-    has its own, smaller buffer with its own slot numbering, so its rows are translated."""
+    """(req_to_token, req_pool_indices) addressing this layer's KV buffer: a layer in the hybrid pool's SWA
+    sub-pool has its own, smaller buffer with its own slot numbering, so its rows are translated."""
     pool = get_token_to_kv_pool()
     req_to_token = get_req_to_token_pool().req_to_token
-    if _window(attn) is not None and hasattr(pool, "translate_loc_from_full_to_swa"):
+    if in_swa_pool(pool, attn.layer_id):
         rows = req_to_token[forward_batch.req_pool_indices]
         translated = pool.translate_loc_from_full_to_swa(rows.flatten().long()).view(rows.shape).to(rows.dtype)
         return translated, torch.arange(rows.shape[0], device=rows.device)
@@ -98,6 +115,8 @@ def triton_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
     from cognica_kernels import token_pool_attention
 
     q, k_buf, v_buf, req_to_token, req_pool_indices = _store_and_address(q, k, v, attn, forward_batch)
+    lens_cpu = forward_batch.extend_seq_lens_cpu  # host-side: no device sync per layer for the launch grid
     out = token_pool_attention(q, k_buf, v_buf, req_to_token, req_pool_indices, forward_batch.seq_lens,
-                               forward_batch.extend_seq_lens, attn.scaling, _window(attn))
+                               forward_batch.extend_seq_lens, attn.scaling, _window(attn),
+                               max_query_len=max(lens_cpu) if lens_cpu else None)
     return out.flatten(-2)

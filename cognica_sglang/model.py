@@ -220,6 +220,12 @@ class CognicaPoEForCausalLM(nn.Module):
         if model_path and Path(model_path).is_dir():
             open_checkpoint(model_path)  # a bad checkpoint fails here, with one message, before allocation
         context_len = getattr(args, "context_length", None) or cfg.sequence_len
+        if context_len > cfg.sequence_len:
+            # SGLang itself refuses this unless SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1
+            # (sglang/srt/configs/model_config.py:1296-1316); past the training context the L layers would slide
+            # and RoPE would see untrained positions, none of it tested.
+            raise ValueError(f"cognica: --context-length {context_len} is longer than the {cfg.sequence_len}-token "
+                             f"context the model was trained with; use --context-length {cfg.sequence_len} or less")
         self.quant_config = quant_config
         self.model = CognicaModel(cfg, context_len, quant_config, prefix=add_prefix("model", prefix))
         self.lm_head = ParallelLMHead(padded_vocab(cfg), cfg.n_embd, quant_config=quant_config,

@@ -43,6 +43,17 @@ def unsupported_modes(server_args) -> list[str]:
     return found
 
 
+def full_pool_slots(pool) -> int:
+    """Slots of the full-attention pool, the index space of `out_cache_loc` and `req_to_token`.
+
+    Not `pool.get_kv_buffer_shape()`: for the hybrid SWA pool that reads the buffer of layer `start_layer`
+    (sglang/srt/mem_cache/memory_pool.py:2101-2103), a sliding layer in SSSL, i.e. the smaller SWA sub-pool
+    (`SWAKVPool.layers_mapping`, sglang/srt/mem_cache/swa_memory_pool.py:123-127, 208-222).
+    """
+    full = getattr(pool, "full_kv_pool", pool)
+    return full.get_key_buffer(full.start_layer).shape[0]
+
+
 class SlotTokens:
     """The token id held by every KV slot of the full pool, plus one scratch entry."""
 
@@ -54,7 +65,7 @@ class SlotTokens:
             # Allocated on the first forward, when the pool exists: graph capture must not be the first.
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("cognica smear: the slot-token buffer must exist before CUDA graph capture")
-            num_slots = get_token_to_kv_pool().get_kv_buffer_shape()[0][0]
+            num_slots = full_pool_slots(get_token_to_kv_pool())
             self.ids = torch.full((num_slots + 1,), NO_TOKEN, dtype=torch.int32, device=device)
         return self.ids
 
