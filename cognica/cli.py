@@ -5,6 +5,9 @@
     cognica make-checkpoint OUT --preset tiny|small|full --seed N [--dtype]
     cognica bpb DIR --engine reference|vllm|sglang --text FILE [--max-tokens N] [--dtype]
 
+DIR may also be a Hugging Face repo id (`cognica/Cognica-BP-v1.0-1.3B-base`), resolved through huggingface_hub's
+cache (downloaded unless HF_HUB_OFFLINE=1; never the repo's *.py).
+
 `inspect` only reads: it parses every safetensors header itself, reads the five scalar tensors, unpickles
 tokenizer.pkl through the restricted unpickler and loads token_bytes.pt with `weights_only=True`. A bad
 checkpoint gives one line per problem and exit code 1, never a traceback.
@@ -158,7 +161,9 @@ def _check_tokenizer(root: Path, cfg: CognicaConfig | None, report: InspectRepor
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             report.problems.append(f"tokenizer.json: unreadable ({e})")
     elif pkl.exists():
-        report.needs.append(f"no tokenizer.json: run `cognica convert-tokenizer {root}` once")
+        report.notes.append("no tokenizer.json: the engines and transformers convert tokenizer.pkl on first load"
+                            " (restricted unpickler, cached outside this directory); to write tokenizer.json here"
+                            f" instead, run `cognica convert-tokenizer {root}` once")
     else:
         report.problems.append("tokenizer.pkl: missing, and there is no tokenizer.json either")
     if n_vocab is not None and cfg is not None and n_vocab > cfg.vocab_size:
@@ -243,8 +248,24 @@ def format_report(report: InspectReport) -> str:
 # subcommands
 
 
+def _local_dir(name: str) -> Path | None:
+    """A directory as is, a Hugging Face repo id as its snapshot (cognica.hub); None after printing why not."""
+    from cognica.hub import HubError, resolve
+
+    try:
+        return resolve(name)
+    except HubError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    report = inspect_checkpoint(args.dir)
+    root = _local_dir(args.dir)
+    if root is None:
+        return 1
+    report = inspect_checkpoint(root)
+    if str(root) != args.dir:
+        report.path = f"{args.dir} (snapshot {root})"
     print(json.dumps(asdict(report) | {"ok": report.ok}, indent=2) if args.json else format_report(report))
     return 0 if report.ok else 1
 
@@ -279,7 +300,10 @@ def cmd_bpb(args: argparse.Namespace) -> int:
 
     try:
         text = sys.stdin.read() if args.text == "-" else Path(args.text).read_text(encoding="utf-8")
-        result = evaluate_bpb(args.dir, text, engine=args.engine, max_tokens=args.max_tokens, dtype=args.dtype)
+        root = _local_dir(args.dir)
+        if root is None:
+            return 1
+        result = evaluate_bpb(str(root), text, engine=args.engine, max_tokens=args.max_tokens, dtype=args.dtype)
     except EngineUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,223 @@
+"""First use without an engine: the model card's transformers snippets, `cognica inspect`/`bpb` on the Hub id, the
+PoE twin's id, a hostile tokenizer.pkl, on an offline hub cache laid out exactly as the Hub delivers the repo (run in
+.venv/vllm; the engine servers on the same layout are in tests/test_first_use_vllm.py and _sglang.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from cognica.model import load_reference
+from cognica.tokenizer import BOS, load_tiktoken_pickle
+from tests.hub_fixture import (
+    BP_REPO,
+    POE_REPO,
+    HubRepo,
+    make_hostile,
+    make_hub_repo,
+    published_checkpoint,
+    run_python,
+    snapshot_state,
+)
+
+BOS_ID = 32759
+CONVERTED = "cognica: converted"  # the one line a conversion logs (cognica.tokenizer.converted_tokenizer)
+
+# The card's transformers usage, verbatim apart from dropping trust_remote_code=True (and .cuda()), after
+# `import cognica`; then the same for the PoE twin's id and an unsupported generate keyword. Prints one JSON line.
+CARD_SNIPPETS = f'''
+import json
+import cognica
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+pipe = pipeline("text-generation", model="{BP_REPO}")
+model = AutoModelForCausalLM.from_pretrained("{BP_REPO}", dtype="auto")
+tok = AutoTokenizer.from_pretrained(
+"{BP_REPO}",
+)
+prompt = "<|bos|>The capital of France is"
+ids = tok.encode(prompt, return_tensors="pt")
+out = model.generate(ids, max_new_tokens=40, do_sample=False,
+                     repetition_penalty=1.15, pad_token_id=tok.eos_token_id)
+print(tok.decode(out[0]))
+
+piped = pipe("The capital of France is", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+try:
+    model.generate(ids, max_new_tokens=2, num_beams=2)
+    refused = None
+except ValueError as e:
+    refused = str(e)
+poe_tok = AutoTokenizer.from_pretrained("{POE_REPO}")
+poe = AutoModelForCausalLM.from_pretrained("{POE_REPO}", dtype="auto")
+poe_out = poe.generate(poe_tok.encode(prompt, return_tensors="pt"), max_new_tokens=6, do_sample=False)
+print("RESULT=" + json.dumps({{
+    "ids": ids[0].tolist(), "out": out[0].tolist(), "dtype": str(model.model.dtype), "tok": type(tok).__name__,
+    "piped": piped, "refused": refused, "poe_mode": poe.config.poe_mode, "poe_out": poe_out[0].tolist(),
+}}))
+'''
+SECOND_LOAD = f'''
+import cognica
+from transformers import AutoTokenizer
+print("RESULT=" + str(AutoTokenizer.from_pretrained("{BP_REPO}").encode("<|bos|>The capital of France is")))
+'''
+HOSTILE_LOADS = f'''
+import json
+import cognica
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
+errors = {{}}
+for name, load in [("AutoTokenizer", AutoTokenizer.from_pretrained), ("AutoConfig", AutoConfig.from_pretrained),
+                   ("AutoModelForCausalLM", AutoModelForCausalLM.from_pretrained),
+                   ("pipeline", lambda m: pipeline("text-generation", model=m))]:
+    try:
+        load("{BP_REPO}")
+        errors[name] = None
+    except Exception as e:
+        errors[name] = type(e).__name__ + ": " + str(e)
+print("RESULT=" + json.dumps(errors))
+'''
+
+
+def result(proc: subprocess.CompletedProcess) -> object:
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT=")), None)
+    assert line is not None, \
+        f"the script failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    payload = line[len("RESULT="):]
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return payload
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> tuple[HubRepo, HubRepo, dict]:
+    """The BP and PoE repos in one offline HF_HOME, and the BP snapshot's state before any test touched it."""
+    src, hf_home = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("hf_home")
+    bp = make_hub_repo(hf_home, BP_REPO, published_checkpoint(src / "bp"))
+    poe = make_hub_repo(hf_home, POE_REPO, published_checkpoint(src / "poe", poe=True))
+    return bp, poe, snapshot_state(bp.snapshot)
+
+
+@pytest.fixture(scope="module")
+def card_run(hub) -> tuple[dict, str]:
+    bp, _, _ = hub
+    proc = run_python(CARD_SNIPPETS, bp.env(), timeout=600)
+    return result(proc), proc.stderr
+
+
+def reference_greedy(ref: torch.nn.Module, ids: list[int], n: int, repetition_penalty: float = 1.0) -> list[int]:
+    """Greedy decoding by full forwards (no KV cache) with transformers' own repetition-penalty processor."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty)
+    seq = torch.tensor([ids])
+    with torch.inference_mode():
+        for _ in range(n):
+            scores = penalty(seq, ref(seq)[:, -1].float())
+            seq = torch.cat([seq, scores.argmax(-1, keepdim=True)], dim=1)
+            if int(seq[0, -1]) == BOS_ID:  # generation_config.json's eos_token_id
+                break
+    return seq[0].tolist()
+
+
+def test_card_tokenizer_prepends_bos_once_and_matches_tiktoken(hub, card_run):
+    bp, _, _ = hub
+    got, _ = card_run
+    enc = load_tiktoken_pickle(bp.snapshot / "tokenizer.pkl")
+    assert got["tok"] == "CognicaPoETokenizerFast", f"AutoTokenizer gave {got['tok']}"
+    assert got["ids"] == [BOS_ID, *enc.encode_ordinary("The capital of France is")], \
+        f"'{BOS}The capital...' must be <|bos|> once then tiktoken's ids, got {got['ids']}"
+
+
+def test_card_generate_equals_reference_with_repetition_penalty(hub, card_run):
+    bp, _, _ = hub
+    got, _ = card_run
+    assert got["dtype"] == "torch.float32", f"dtype='auto' must follow config.json's torch_dtype, got {got['dtype']}"
+    ref = load_reference(bp.snapshot, dtype=torch.float32)
+    want = reference_greedy(ref, got["ids"], 40, repetition_penalty=1.15)
+    assert got["out"] == want, f"generate() differs from the reference:\n{got['out']}\n{want}"
+
+
+def test_card_pipeline_continues_like_the_reference(hub, card_run):
+    bp, _, _ = hub
+    got, _ = card_run
+    ref = load_reference(bp.snapshot, dtype=torch.float32)
+    want = reference_greedy(ref, got["ids"], 8)
+    continuation = load_tiktoken_pickle(bp.snapshot / "tokenizer.pkl").decode(want[len(got["ids"]):])
+    assert got["piped"] == "The capital of France is" + continuation, \
+        f"pipeline text differs from the reference's greedy continuation: {got['piped']!r} vs {continuation!r}"
+
+
+def test_generate_refuses_an_unsupported_keyword(card_run):
+    got, _ = card_run
+    assert got["refused"] and "num_beams=2" in got["refused"], \
+        f"generate(num_beams=2) must raise naming the keyword, got {got['refused']!r}"
+
+
+def test_poe_twin_id_takes_the_same_path(hub, card_run):
+    _, poe, _ = hub
+    got, _ = card_run
+    assert got["poe_mode"] == "flat", f"the PoE id must load its own config, got poe_mode={got['poe_mode']!r}"
+    ref = load_reference(poe.snapshot, dtype=torch.float32)
+    want = reference_greedy(ref, got["poe_out"][:len(got["ids"])], 6)
+    assert got["poe_out"] == want, f"PoE generate differs from the reference:\n{got['poe_out']}\n{want}"
+
+
+def test_first_load_converts_once_and_a_second_load_does_not(hub, card_run):
+    bp, _, _ = hub
+    _, stderr = card_run
+    converted = [line for line in stderr.splitlines() if CONVERTED in line and str(bp.snapshot) in line]
+    assert len(converted) == 1, f"the first process must convert the BP tokenizer.pkl exactly once:\n{converted}"
+    cache = Path(bp.env()["COGNICA_CACHE_DIR"]) / "tokenizers"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*/tokenizer.json")}
+    proc = run_python(SECOND_LOAD, bp.env())
+    assert result(proc)[:1] == [BOS_ID], f"the second load must give the same tokenizer: {proc.stdout[-500:]}"
+    assert CONVERTED not in proc.stderr, f"the second load converted again:\n{proc.stderr[-2000:]}"
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*/tokenizer.json")} == before, "cache was rewritten"
+
+
+def test_inspect_and_bpb_take_the_hub_id(hub, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from cognica import cli
+
+    bp, _, _ = hub
+    # what HF_HOME=<hf_home> HF_HUB_OFFLINE=1 gives a fresh `cognica` process (huggingface_hub reads them at import)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(bp.hf_home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert cli.main(["inspect", BP_REPO]) == 0, f"inspect <id> failed:\n{capsys.readouterr()}"
+    out = capsys.readouterr().out
+    assert "ok: no problems found" in out and str(bp.snapshot) in out, f"inspect must read the snapshot:\n{out}"
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time, there was a tokenizer.")
+    assert cli.main(["bpb", BP_REPO, "--text", str(text)]) == 0, f"bpb <id> failed:\n{capsys.readouterr()}"
+    assert capsys.readouterr().out.startswith("bpb "), "bpb <id> must print its result"
+    assert cli.main(["inspect", "cognica/No-Such-Model"]) == 1, "an unknown id must fail"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, f"an unknown id must give one line: {lines}"
+    assert "cognica/No-Such-Model" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0], f"unclear: {lines[0]}"
+
+
+def test_hostile_tokenizer_pkl_is_refused_by_every_transformers_entry(tmp_path_factory):
+    hf_home = tmp_path_factory.mktemp("hostile_hf_home")
+    ran = hf_home / "PICKLE_RAN"
+    ckpt = published_checkpoint(tmp_path_factory.mktemp("hostile_src") / "bp")
+    make_hostile(ckpt, ran)
+    repo = make_hub_repo(hf_home, BP_REPO, ckpt)
+    errors = result(run_python(HOSTILE_LOADS, repo.env()))
+    for entry, error in errors.items():
+        assert error and "TokenizerError" in error, f"{entry} did not refuse the hostile tokenizer.pkl: {error}"
+        assert str(repo.snapshot / "tokenizer.pkl") in error and "posix.system" in error, \
+            f"{entry}: the error must name the file and the refused global: {error}"
+        assert "\n" not in error, f"{entry}: one line expected: {error}"
+    assert not ran.exists(), "the hostile pickle's payload ran"
+    assert not repo.marker.exists(), "the repo's remote code was imported"
+
+
+def test_remote_code_never_imported_and_snapshot_unchanged(hub, card_run):
+    bp, poe, state = hub
+    assert not bp.marker.exists() and not poe.marker.exists(), "a *_cognica_poe.py file of the repo was imported"
+    assert snapshot_state(bp.snapshot) == state, "the hub snapshot was modified"
