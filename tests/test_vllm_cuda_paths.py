@@ -177,7 +177,7 @@ def test_triton_launch_variant_is_the_same_at_warm_up_and_capture(window_left):
         assert variants[0] == variants[1], f"batch {batch}: warm-up compiles {variants[0]}, capture {variants[1]}"
 
 
-def test_fp8_kv_cache_falls_back_to_the_engines_attention(caplog):
+def test_fp8_kv_cache_falls_back_to_the_engines_attention(caplog, monkeypatch: pytest.MonkeyPatch):
     """`--kv-cache-dtype fp8` stores the cache as float8 (vLLM's own mapping); the Triton kernel reads it as q's
     dtype, so the layer must take vLLM's attention, and say so, instead of asserting at the first forward."""
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
@@ -186,7 +186,7 @@ def test_fp8_kv_cache_falls_back_to_the_engines_attention(caplog):
     fp8 = kv_cache_dtype_str_to_dtype("fp8", model)
     assert attention.use_cognica_attention("FLASH_ATTN", True, kv_cache_dtype_str_to_dtype("auto", model),
                                            torch.bfloat16), "an unquantized cache keeps the Triton path"
-    logging.getLogger("vllm").propagate = True  # vLLM's logger does not propagate to pytest's handler by default
+    monkeypatch.setattr(logging.getLogger("vllm"), "propagate", True)  # vLLM's logger keeps records to itself
     with caplog.at_level(logging.INFO, logger="vllm"):
         assert not attention.use_cognica_attention("FLASH_ATTN", True, fp8, torch.bfloat16), f"{fp8} cache"
     assert any("KV cache is stored as" in r.getMessage() for r in caplog.records), "no log line for the fallback"
