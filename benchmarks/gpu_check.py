@@ -281,7 +281,10 @@ def _json_default(o: object) -> object:
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    """`format(v, spec)`, or a right-aligned '-' of the same width where there is no number."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-".rjust(int(spec.split(".")[0]))
+    return format(v, spec)
 
 
 def report(out_dir: Path) -> int:
@@ -302,7 +305,7 @@ def report(out_dir: Path) -> int:
     print(f"\n=== GPU check: {env.get('name', '?')} | torch {env.get('torch')} | triton {env.get('triton')} | "
           f"{'DRY RUN (CPU, interpreter): times mean nothing' if env.get('dry_run') else 'compiled'}")  # fmt: skip
     for step, s in steps.items():
-        print(f"  step {step:<13} exit {s['rc']:>3}  {s['seconds']:>5} s")
+        print(f"  step {step:<20} exit {s['rc']:>3}  {s['seconds']:>5} s")
     for key in ("kernel_tests", "kernel_tests_builtin"):
         tests = parts[key]
         if tests:

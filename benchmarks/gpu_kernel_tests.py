@@ -135,10 +135,18 @@ def run_builtin(test_file: Path, expr: str | None) -> dict[str, object]:
             patch = _MonkeyPatch()
             if "monkeypatch" in inspect.signature(fn).parameters:
                 kwargs = {**kwargs, "monkeypatch": patch}
+            teardown = []
             try:
                 for fixture in autouse:
-                    fixture()
+                    if inspect.isgeneratorfunction(fixture):  # setup up to its yield, teardown after the test
+                        gen = fixture()
+                        next(gen)
+                        teardown.append(gen)
+                    else:
+                        fixture()
                 fn(**kwargs)
+                for gen in teardown:
+                    next(gen, None)
                 passed += 1
             except Exception:
                 failures.append(test_id)

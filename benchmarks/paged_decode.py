@@ -374,6 +374,8 @@ def run(out_path: Path, dry_run: bool, seed: int = 0) -> int:
     copy_gbps = copy_rate_gbps(timer, profile["copy_bytes"])
     rows = time_decode(ref16, profile, timer, copy_gbps)
     name = f"{profile['preset']} factory checkpoint, {cfg.num_params:,} params, seed {seed}"
+    if dry_run:
+        name = f"dry-run model ({profile['preset']} preset with {DRY_CONFIG}), {cfg.num_params:,} params"
     result = {"device": device_info(device), "dry_run": dry_run, "model": name, "config": cfg.to_dict(),
               "ctx": profile["ctx"], "copy_gbps": copy_gbps, "parity_fp32": parity32, "parity_bf16": parity16,
               "rows": rows, "seconds": round(time.time() - t0, 1)}  # fmt: skip

@@ -37,7 +37,12 @@ rm -f "$OUTDIR"/{env,kernel_tests,kernel_tests_builtin,kernels,decode,gpu_check}
 
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ $DRY -eq 1 ] && [ -x "$REPO/.venv/vllm/bin/python" ]; then PY=$REPO/.venv/vllm/bin/python
-else PY=python3
+else
+  PY=""
+  for candidate in python3 python; do  # the first interpreter that has torch
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import torch' 2>/dev/null; then PY=$candidate; break; fi
+  done
+  if [ -z "$PY" ]; then echo "gpu_check.sh: no python3/python with torch found; set PYTHON" >&2; exit 2; fi
 fi
 SHIM=$(mktemp -d)
 trap 'rm -rf "$SHIM"' EXIT
