@@ -38,6 +38,9 @@ class CognicaPoEConfig(PretrainedConfig):
 
     def __init__(self, **kwargs: Any):
         fields = {s: kwargs.pop(s) for spellings in _ALIASES.values() for s in spellings if s in kwargs}
+        if fields.get("poe_exit_stage") is not None and "n_layer" in fields:
+            for alias in _ALIASES["n_layer"][1:]:
+                fields.pop(alias, None)  # a stage prefix's num_hidden_layers is its built layers (_set_built_layers)
         # transformers builds a default instance (no fields) to diff against: give it the release shape
         cfg = CognicaConfig.from_dict(fields) if fields else CognicaConfig()
         for key in ("head_dim", "intermediate_size", "rope_theta", "final_logit_softcapping", "tie_word_embeddings",
@@ -48,7 +51,7 @@ class CognicaPoEConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=False, **kwargs)
         for name in CORE_FIELDS:
             setattr(self, name, getattr(cfg, name))
-        self.num_hidden_layers = cfg.n_layer
+        self._set_built_layers()
         self.num_attention_heads = cfg.n_head
         self.num_key_value_heads = cfg.n_kv_head
         self.hidden_size = cfg.n_embd
@@ -62,6 +65,22 @@ class CognicaPoEConfig(PretrainedConfig):
         self.hybrid_layer_pattern = [int(s) for s in cfg.is_sliding]
         self.is_hybrid_swa = any(cfg.is_sliding)
         self.window_left = list(cfg.window_left)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        super().__setattr__(key, value)
+        if key in ("poe_exit_stage", "poe_every") and "n_layer" in self.__dict__:
+            self._set_built_layers()
+
+    def _set_built_layers(self) -> None:
+        """`num_hidden_layers` = the layers the model builds (poe_every * poe_exit_stage for a stage prefix), so an
+        engine allocates KV cache for those only. SGLang sizes its pool by it (sglang/srt/configs/model_config.py:1581,
+        sglang/srt/model_executor/model_runner_components/layer_setup.py:214-220). Engine overrides arrive after
+        __init__ through `config.update` (SGLang sglang/srt/utils/hf_transformers/config.py:411, vLLM
+        vllm/transformers_utils/config.py:928), hence the hook in __setattr__. `n_layer` stays the checkpoint's;
+        an invalid stage leaves all layers here and is refused by `to_cognica()`."""
+        stage, every = self.__dict__.get("poe_exit_stage"), self.__dict__.get("poe_every")
+        built = stage * every if isinstance(stage, int) and isinstance(every, int) else self.n_layer
+        self.num_hidden_layers = built if 0 < built <= self.n_layer else self.n_layer
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CognicaPoEConfig:

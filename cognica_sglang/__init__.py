@@ -30,6 +30,16 @@ def _hybrid_swa_override(server_args: Any, hf_config: Any) -> dict:
     return {}
 
 
+def _check_stage_options(server_args: Any, hf_config: Any) -> dict:
+    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`) in the first process:
+    SGLang calls model overrides on the config with those args applied (sglang/srt/arg_groups/model_hook.py:166, 233),
+    before any scheduler starts; a refusal raised later, in the scheduler, only kills the engine (SIGQUIT)."""
+    from cognica.hf import cognica_config
+
+    cognica_config(hf_config)  # ConfigError, e.g. a stage exit on a poe_mode="none" (BP) checkpoint without force
+    return {}
+
+
 def _refuse_requests_that_crash_the_scheduler(manager: Any, obj: Any, input_ids: list[int], *args: Any,
                                               **kwargs: Any) -> None:
     """BEFORE hook on TokenizerManager._validate_one_request (SGLang's plugin HookRegistry). SGLang 0.5.23 range-checks
@@ -61,8 +71,9 @@ def register() -> None:
 
     for cls in EntryClass:
         ModelRegistry.models.setdefault(cls.__name__, cls)
-        if _hybrid_swa_override not in _MODEL_OVERRIDE_FNS.get(cls.__name__, ()):
-            register_model_override(cls.__name__)(_hybrid_swa_override)
+        for fn in (_hybrid_swa_override, _check_stage_options):
+            if fn not in _MODEL_OVERRIDE_FNS.get(cls.__name__, ()):
+                register_model_override(cls.__name__)(fn)
     target = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
     if not any(fn is _refuse_requests_that_crash_the_scheduler for _, fn, *_ in HookRegistry._hooks.get(target, [])):
         HookRegistry.register(target, _refuse_requests_that_crash_the_scheduler, HookType.BEFORE)

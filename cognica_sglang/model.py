@@ -10,11 +10,15 @@ What differs from a Llama, and where it is handled (the math itself is in `cogni
 - value embeddings (vocab-parallel tables) gated per KV head on alternating layers;
 - smear of the previous token's normed embedding, with the previous token read from SGLang's
   KV slot bookkeeping (`cognica_sglang.smear`), exact under chunked prefill and radix hits;
-- x0 residual lambdas, backout, relu^2 MLP, untied head, final soft-cap 15 (`final_logit_softcapping`).
+- x0 residual lambdas, backout, relu^2 MLP, untied head, final soft-cap 15 (`final_logit_softcapping`);
+- PoE stage modes (`--json-model-override-args '{"poe_exit_stage": k}'` / `'{"poe_head": "logop"}'`): only the
+  layers of stages 1..k are built, loaded and given KV cache (`cognica.hf` sets num_hidden_layers); the exit tail
+  and the Log-OP head are `layers.exit_tail` / `layers.logop_logits`, shared with the reference.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -169,13 +173,13 @@ class CognicaModel(nn.Module):
         vocab = padded_vocab(cfg)
         self.wte = VocabParallelEmbedding(vocab, cfg.n_embd, prefix=add_prefix("wte", prefix))
         self.h = make_layers(
-            cfg.n_layer,
+            cfg.n_active_layers,
             lambda idx, prefix: CognicaDecoderLayer(cfg, idx, context_len, quant_config, prefix=prefix),
             prefix=add_prefix("h", prefix),
         )
         self.value_embeds = nn.ModuleDict(
             {str(i): VocabParallelEmbedding(vocab, cfg.kv_dim, prefix=add_prefix(f"value_embeds.{i}", prefix))
-             for i in cfg.ve_layers}
+             for i in cfg.ve_layers if i < cfg.n_active_layers}
         )
         self.resid_lambdas = nn.Parameter(torch.empty(cfg.n_layer), requires_grad=False)
         self.x0_lambdas = nn.Parameter(torch.empty(cfg.n_layer), requires_grad=False)
@@ -183,22 +187,27 @@ class CognicaModel(nn.Module):
         self.smear_lambda = nn.Parameter(torch.empty(1), requires_grad=False)
         self.backout_lambda = nn.Parameter(torch.empty(1), requires_grad=False)
         self.slot_tokens = SlotTokens()
+        # the layers whose residual stream is read out: every built stage end (Log-OP) or the last built layer
+        self.exits = cfg.active_stage_ends if cfg.poe_head == "logop" else (cfg.n_active_layers - 1,)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        """The normed input of lm_head; with the Log-OP head, the stage-end tails side by side [T, n_exits * d]."""
         cfg = self.cfg
         x = layers.norm(self.wte(input_ids))
         prev_ids, has_prev = self.slot_tokens.previous(input_ids, positions, forward_batch)
         x = layers.smear(x, layers.norm(self.wte(prev_ids)), self.smear_gate.weight, self.smear_lambda, has_prev)
-        x0, x_backout = x, None
+        x0, x_backout, tails = x, None, []
         for i, layer in enumerate(self.h):
             x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
             ve = tp_shard(self.value_embeds[str(i)](input_ids)) if str(i) in self.value_embeds else None
             x = layer(positions, x, ve, forward_batch)
             if i == cfg.backout_layer:
                 x_backout = x
-        if x_backout is not None:
-            x = layers.backout(x, x_backout, self.backout_lambda)
-        return layers.norm(x)
+            if i in self.exits:
+                tails.append(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i)))
+        if cfg.poe_head == "logop":
+            return torch.cat(tails, dim=-1)  # LogOPHead normalises each stage itself
+        return layers.norm(tails[0])
 
 
 class CognicaPoEForCausalLM(nn.Module):
@@ -231,6 +240,17 @@ class CognicaPoEForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(padded_vocab(cfg), cfg.n_embd, quant_config=quant_config,
                                       prefix=add_prefix("lm_head", prefix))
         self.logits_processor = LogitsProcessor(config)  # soft-caps with config.final_logit_softcapping (15)
+        self.logop_head: LogOPHead | None = None
+        if cfg.poe_head == "logop":
+            if get_parallel().tp_size > 1:
+                raise ValueError("cognica: poe_head='logop' needs the whole vocabulary on one rank (log_softmax per"
+                                 " stage); it is not supported with tensor parallelism")
+            self.logop_head = LogOPHead(self.lm_head, cfg)
+            # Log-OP returns log-probs, already soft-capped per stage: SGLang must not cap again
+            # (LogitsProcessor reads final_logit_softcapping at construction: sglang/srt/layers/logits_processor.py:493)
+            uncapped = copy.copy(config)
+            uncapped.final_logit_softcapping = None
+            self.logits_processor = LogitsProcessor(uncapped)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
@@ -238,20 +258,20 @@ class CognicaPoEForCausalLM(nn.Module):
         if input_embeds is not None:
             raise NotImplementedError("Cognica needs token ids (smear, value embeddings); input_embeds is unsupported")
         hidden = self.model(input_ids, positions, forward_batch)
-        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+        return self.logits_processor(input_ids, hidden, self.logop_head or self.lm_head, forward_batch)
 
     def get_attention_sliding_window_size(self) -> int:
         return self.cfg.short_window  # keys before the query, the S layers' window (sizes the SWA pool)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
-        expected = expected_tensors(self.cfg)
+        expected = {n: shape for n, shape in expected_tensors(self.cfg).items() if self.cfg.is_built(n)}
         seen: set[str] = set()
         unknown: list[str] = []
         for stored, w in weights:
             canon = canonical_name(stored)
             if canon not in expected:
-                if canon not in ("cos", "sin"):
+                if canon not in ("cos", "sin") and self.cfg.is_built(canon):  # later stages' tensors: not built
                     unknown.append(stored)
                 continue
             seen.add(canon)
@@ -275,6 +295,30 @@ class CognicaPoEForCausalLM(nn.Module):
     def post_load_weights(self) -> None:
         """After loading (SGLang's dummy loaders call this directly): see `use_upcast_linear`."""
         use_upcast_linear(self)
+
+
+class LogOPHead:
+    """The Log-OP head as SGLang's logits processor sees an lm_head: it has the head's `weight` and a `quant_method`
+    whose `apply` the processor calls (sglang/srt/layers/logits_processor.py:1156, `should_apply_lm_head_quant_method`
+    is true for any method outside the unquantized names). `apply` splits the hidden row into the stage-end tails and
+    returns `layers.logop_logits` over them, -inf on padded vocabulary rows. A plain object, not a module, so the
+    model's parameters and state dict hold lm_head once."""
+
+    def __init__(self, lm_head: ParallelLMHead, cfg: CognicaConfig):
+        self.lm_head, self.n_embd, self.vocab_size = lm_head, cfg.n_embd, cfg.vocab_size
+        self.quant_method = self
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.lm_head.weight
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.quant_method.apply(self.lm_head, h, None)
+
+    def apply(self, layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        lp = layers.logop_logits(hidden.split(self.n_embd, dim=-1), self.project, self.vocab_size)
+        pad = self.lm_head.weight.shape[0] - self.vocab_size
+        return torch.nn.functional.pad(lp, (0, pad), value=float("-inf")) if pad > 0 else lp
 
 
 class UpcastLinearMethod(UnquantizedLinearMethod):
