@@ -8,6 +8,10 @@ once (the first token of each later window is context only). Then
 
 Special tokens have 0 bytes in `token_bytes.pt` and drop out of both sums, as in nanochat. The engine
 back ends (`cognica_vllm.bpb`, `cognica_sglang.bpb`) only supply the per-window log-probabilities.
+
+PoE stage modes (`poe_exit_stage`, `poe_head`, `poe_force`; see `cognica.config`) are config overrides: the
+reference takes them as `load_reference` keywords, vLLM as `hf_overrides`, SGLang as `json_model_override_args`,
+so each mode's quality is measured on the same text by any engine. Bad options are refused before any model loads.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,8 +32,9 @@ from cognica.config import CognicaConfig
 
 logger = logging.getLogger(__name__)
 
-# prompt_logprobs(model_dir, windows, dtype) -> one list per window of log p(window[t] | window[:t]), t >= 1
-LogprobFn = Callable[[str, list[list[int]], str], list[list[float]]]
+# prompt_logprobs(model_dir, windows, dtype, overrides=...) -> one list per window of log p(window[t] | window[:t]),
+# t >= 1; `overrides` are config fields (the PoE stage options) the engine applies to config.json
+LogprobFn = Callable[..., list[list[float]]]
 # Windows stop this many tokens short of the context: engines reserve room for the sampled token (SGLang 0.5.23
 # accepts at most context - 6 input tokens), and every engine must score the same windows.
 WINDOW_MARGIN = 8
@@ -89,13 +95,27 @@ def split_windows(ids: Sequence[int], max_len: int) -> list[list[int]]:
     return windows
 
 
+def poe_overrides(poe_exit_stage: int | None = None, poe_head: str | None = None,
+                  poe_force: bool = False) -> dict[str, Any]:
+    """The config overrides of the PoE options that are set (what the engines get as hf_overrides /
+    json_model_override_args)."""
+    out: dict[str, Any] = {}
+    if poe_exit_stage is not None:
+        out["poe_exit_stage"] = poe_exit_stage
+    if poe_head is not None:
+        out["poe_head"] = poe_head
+    if poe_force:
+        out["poe_force"] = True
+    return out
+
+
 def reference_logprobs(model_dir: str | os.PathLike[str], windows: list[list[int]], dtype: str = "float32",
-                       progress: bool = True) -> list[list[float]]:
+                       progress: bool = True, overrides: dict[str, Any] | None = None) -> list[list[float]]:
     """Per-window log p(window[t] | window[:t]), t >= 1, from the pure-torch reference model."""
     from cognica.model import load_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_reference(model_dir, dtype=getattr(torch, dtype), device=device)
+    model = load_reference(model_dir, dtype=getattr(torch, dtype), device=device, **(overrides or {}))
     return [model.token_logprobs(w) for w in tqdm(windows, desc="reference logprobs", unit="window",
                                                    disable=not progress)]
 
@@ -125,10 +145,14 @@ class BpbResult:
 
 
 def evaluate_bpb(model_dir: str | os.PathLike[str], text: str, engine: str = "reference",
-                 max_tokens: int | None = None, dtype: str = "float32") -> BpbResult:
-    """Bits per byte of `text` under the checkpoint in `model_dir`, scored by `engine`."""
+                 max_tokens: int | None = None, dtype: str = "float32",
+                 overrides: dict[str, Any] | None = None) -> BpbResult:
+    """Bits per byte of `text` under the checkpoint in `model_dir`, scored by `engine`; `overrides` selects a PoE
+    stage mode (`poe_overrides(...)`), validated here (ConfigError) before any model loads."""
     root = Path(model_dir)
     cfg = CognicaConfig.from_file(root / "config.json")
+    if overrides:
+        replace(cfg, **overrides)  # a BP checkpoint without poe_force, a stage out of range, ...: ConfigError
     token_bytes = torch.load(root / "token_bytes.pt", weights_only=True)
     ids = encode_text(root, text)
     if max_tokens is not None:
@@ -137,7 +161,8 @@ def evaluate_bpb(model_dir: str | os.PathLike[str], text: str, engine: str = "re
         raise ValueError("the text has no tokens to score")
     windows = split_windows(ids, cfg.sequence_len - WINDOW_MARGIN)
     logger.info("scoring %d tokens in %d window(s) with %s", len(ids) - 1, len(windows), engine)
-    per_window = engine_logprob_fn(engine)(str(root), windows, dtype)
+    fn = engine_logprob_fn(engine)
+    per_window = fn(str(root), windows, dtype, overrides=overrides) if overrides else fn(str(root), windows, dtype)
     targets: list[int] = []
     logprobs: list[float] = []
     for w, lp in zip(windows, per_window, strict=True):
@@ -153,4 +178,4 @@ def evaluate_bpb(model_dir: str | os.PathLike[str], text: str, engine: str = "re
 
 
 __all__ = ["BpbResult", "EngineUnavailable", "bits_per_byte", "encode_text", "engine_logprob_fn", "evaluate_bpb",
-           "reference_logprobs", "split_windows"]
+           "poe_overrides", "reference_logprobs", "split_windows"]

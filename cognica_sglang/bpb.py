@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 
 def prompt_logprobs(model_dir: str, windows: list[list[int]], dtype: str = "float32",
-                    engine: Any = None) -> list[list[float]]:
-    """log p(window[t] | window[:t]) for t >= 1, per window, from SGLang's input-token log-probs."""
+                    engine: Any = None, overrides: dict[str, Any] | None = None) -> list[list[float]]:
+    """log p(window[t] | window[:t]) for t >= 1, per window, from SGLang's input-token log-probs. `overrides` (PoE
+    stage options) become `json_model_override_args` (applied to the loaded config:
+    sglang/srt/utils/hf_transformers/config.py:411)."""
     import sglang
 
     own = engine is None
@@ -16,6 +19,7 @@ def prompt_logprobs(model_dir: str, windows: list[list[int]], dtype: str = "floa
         os.environ.setdefault("SGLANG_EXTERNAL_MODEL_PACKAGE", "cognica_sglang")
         engine = sglang.Engine(model_path=model_dir, dtype=dtype, skip_tokenizer_init=True, random_seed=0,
                                disable_cuda_graph=True, skip_server_warmup=True, log_level="error",
+                               json_model_override_args=json.dumps(overrides or {}),
                                **({} if _has_cuda() else {"device": "cpu", "attention_backend": "torch_native"}))
     try:
         outs = engine.generate(input_ids=windows, sampling_params={"max_new_tokens": 1, "temperature": 0.0},
