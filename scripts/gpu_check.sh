@@ -57,7 +57,7 @@ if [ $DRY -eq 1 ]; then
 else
   unset TRITON_INTERPRET
   DRYFLAG=()
-  LIMITS=(60 150 110 170)  # 490 s in all at worst; the device tool allows 600 s per call
+  LIMITS=(30 150 120 180)  # 480 s in all at worst (the 8 minutes); the device tool allows 600 s per call
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check.sh: torch sees no CUDA device; on a machine without one run: bash scripts/gpu_check.sh --dry-run DIR" >&2
     exit 2

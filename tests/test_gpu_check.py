@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,16 @@ def test_builtin_runner_reports_failures_and_unsupported_pytest_features(tmp_pat
     result = json.loads(out.read_text())
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert result["passed"] == 2 and sorted(result["failures"]) == ["test_small[3]", "test_uses_skip"], result
+
+
+def test_gpu_steps_fit_the_eight_minute_budget():
+    # the CUDA branch's per-step limits (env, kernel-tests, kernels, decode) must add up to at most 8 minutes
+    cuda_limits = re.findall(r"LIMITS=\(([\d ]+)\)", SCRIPT.read_text())[-1]
+    assert sum(int(x) for x in cuda_limits.split()) <= 480, cuda_limits
+
+
+def test_every_json_field_is_documented():
+    doc = (REPO / "docs" / "performance.md").read_text()
+    section = doc[doc.index("## The GPU check"):]
+    missing = [f for f in sorted(KERNEL_FIELDS | DECODE_ROW_FIELDS) if f"`{f}`" not in section]
+    assert not missing, f"docs/performance.md's GPU check section does not document {missing}"
