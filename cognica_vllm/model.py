@@ -42,11 +42,11 @@ from vllm.sequence import IntermediateTensors
 from cognica import layers
 from cognica.checkpoint import CheckpointError, canonical_name, expected_tensors, open_checkpoint, padded_vocab
 from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
-from cognica.hf import cognica_config
 from cognica_kernels import engine_uses_triton
 from cognica_kernels.cpu_linear import UpcastLinear, min_rows, upcast_wanted
 from cognica_vllm.attention import cognica_paged_attention, register_splitting, use_cognica_attention
 from cognica_vllm.smear import SmearState, smear_prev_ids
+from cognica_vllm.spec_decode import model_config
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's log handler prints it
 
@@ -163,13 +163,18 @@ class CognicaDecoderLayer(nn.Module):
 class CognicaModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        cfg = cognica_config(vllm_config.model_config.hf_config)
+        cfg = model_config(vllm_config)  # a stage prefix builds only layers 0..n_active_layers-1
         self.config = cfg
         max_len = vllm_config.model_config.max_model_len
         vocab = padded_vocab(cfg)
         self.wte = VocabParallelEmbedding(vocab, cfg.n_embd, prefix=f"{prefix}.wte")
+        if cfg.poe_head == "logop" and get_pp_group().world_size > 1:
+            raise ValueError("poe_head='logop' reads every stage end on the last pipeline rank: use "
+                             "pipeline_parallel_size=1")
+        # the residual streams read out: every built stage end (Log-OP head) or the last built layer
+        self.exits = cfg.active_stage_ends if cfg.poe_head == "logop" else (cfg.n_active_layers - 1,)
         self.start_layer, self.end_layer, self.layers = make_layers(
-            cfg.n_layer,
+            cfg.n_active_layers,
             lambda prefix: CognicaDecoderLayer(cfg, max_len, vllm_config.cache_config, vllm_config.quant_config,
                                                prefix=prefix),
             prefix=f"{prefix}.layers",
@@ -212,15 +217,20 @@ class CognicaModel(nn.Module):
             assert intermediate_tensors is not None
             x, x0 = intermediate_tensors["hidden_states"], intermediate_tensors["x0"]
             x_backout = intermediate_tensors["x_backout"]
+        tails = []
         for i, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer):
             x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
             ve = self.value_embeds[str(i)](input_ids)[..., self.kv_slice] if str(i) in self.value_embeds else None
             x = layer(positions, x, ve)
             if i == cfg.backout_layer:
                 x_backout = x
+            if i in self.exits:
+                tails.append(layers.norm(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i))))
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": x, "x0": x0, "x_backout": x_backout})
-        return layers.norm(layers.backout(x, x_backout, self.backout_lambda))
+        # Log-OP: the stage ends' normed streams side by side, [T, n_exits * n_embd]; vLLM only indexes the rows
+        # (gpu_model_runner: hidden_states[logits_indices]) before compute_logits splits them again
+        return tails[0] if len(tails) == 1 else torch.cat(tails, dim=-1)
 
 
 class CognicaPoEForCausalLM(nn.Module, SupportsPP):
@@ -231,7 +241,7 @@ class CognicaPoEForCausalLM(nn.Module, SupportsPP):
         model_path = vllm_config.model_config.model
         if os.path.isdir(model_path):
             open_checkpoint(model_path)  # names, shapes, dtypes, files: fail before any allocation
-        cfg = cognica_config(vllm_config.model_config.hf_config)
+        cfg = model_config(vllm_config)
         self.config = cfg
         refuse_longer_context(vllm_config.model_config.max_model_len, cfg)
         self.model = CognicaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
@@ -254,7 +264,11 @@ class CognicaPoEForCausalLM(nn.Module, SupportsPP):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        if self.config.poe_head != "logop":
+            return self.logits_processor(self.lm_head, hidden_states)
+        # Log-OP: soft-capped logits per stage end, combined into normalised log-probs (not soft-capped again)
+        stages = hidden_states.chunk(len(self.model.exits), dim=-1)
+        return layers.logop_from_logits([self.logits_processor(self.lm_head, h) for h in stages])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         cfg = self.config
@@ -267,6 +281,8 @@ class CognicaPoEForCausalLM(nn.Module, SupportsPP):
             if name not in expected:
                 continue  # open_checkpoint already refused unknown tensors; skip known-ignorable buffers
             seen.add(name)
+            if not cfg.is_built(name):
+                continue  # a layer (or its value-embedding table) past a stage prefix's exit
             if name.endswith(("attn.c_q.weight", "attn.c_k.weight")):
                 tensor = layers.swap_rotary_halves(tensor, cfg.head_dim)
             target = vllm_name(name)

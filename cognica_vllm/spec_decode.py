@@ -1,0 +1,80 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Self-speculative decoding of the PoE twin on vLLM: the stage-k prefix of the same checkpoint drafts.
+
+vLLM's `draft_model` method (`--speculative-config '{"method": "draft_model", "model": DIR,
+"num_speculative_tokens": 2}'`, the same DIR as the target) builds a second instance of our model class from a
+ModelConfig with `runner="draft"` (vllm/config/speculative.py:1289-1312) and under the prefix "draft_model"
+(vllm/v1/spec_decode/draft_model.py:100-111). Our class then builds the stage prefix instead of the full model:
+
+- the draft stage is the target's `poe_draft_stage` (default 1), set with the target's
+  `--hf-overrides '{"poe_draft_stage": 2}'`: vLLM applies dict overrides to the target config only
+  (vllm/config/speculative.py:1283-1288), so the drafter reads it from `speculative_config.target_model_config`;
+- the drafter is the exact stage prefix, sliding windows included, and needs `disable_hybrid_kv_cache_manager`
+  (`--disable-hybrid-kv-cache-manager`) whenever the target has sliding layers. vLLM 0.32 hands a `draft_model`
+  drafter the attention metadata (block table, slot mapping) of KV-cache group 0 whatever group its layers are in
+  (vllm/v1/worker/gpu_model_runner.py:2532-2545: only EAGLE-like proposers are matched on `kv_cache_gid`). With the
+  hybrid manager our S layers form group 0 and the drafter's layers sit in the full-attention group; all groups
+  alias one buffer from byte 0 (vllm/v1/core/kv_cache_utils.py:1630-1640), so the drafter, addressing group 0's
+  blocks, writes its keys over the target's sliding-layer KV: seen as wrong greedy tokens after a rejected draft. With one KV
+  group (vLLM keeps each layer's window in the attention kernel, vllm/v1/attention/backends/cpu_attn.py:178-197)
+  the drafter's layers share the target's block table; the price is the sliding layers' KV saving.
+
+The smear state of both models stays exact: each model writes the ids of every token it processes at their KV
+slots before reading the previous position's id (`cognica_vllm.smear`), and a rejected draft's slot is rewritten
+by the token that replaces it (the target's next step, the drafter's next first pass, which re-feeds the accepted
+tokens and masks the rejected ones: vllm/v1/spec_decode/llm_base_proposer.py:878-953) before anything reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from vllm.config import VllmConfig
+
+from cognica.config import CognicaConfig, ConfigError
+from cognica.hf import cognica_config
+
+DRAFT_STAGE_FIELD = "poe_draft_stage"  # on the target's HF config (vLLM --hf-overrides)
+DEFAULT_DRAFT_STAGE = 1
+
+
+def is_drafter(vllm_config: VllmConfig) -> bool:
+    """True when vLLM builds this model as the speculative drafter (`runner="draft"`)."""
+    return vllm_config.model_config.runner_type == "draft"
+
+
+def draft_stage(target_hf_config) -> int:
+    stage = getattr(target_hf_config, DRAFT_STAGE_FIELD, None)
+    stage = DEFAULT_DRAFT_STAGE if stage is None else stage
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise ConfigError(f"bad config: {DRAFT_STAGE_FIELD}: must be an integer, got {stage!r}")
+    return stage
+
+
+def model_config(vllm_config: VllmConfig) -> CognicaConfig:
+    """The config a model instance builds: the served config, or, for the drafter, the target's config cut to the
+    draft stage with every layer full attention and the final-layer head."""
+    if not is_drafter(vllm_config):
+        return cognica_config(vllm_config.model_config.hf_config)
+    spec = vllm_config.speculative_config
+    assert spec is not None and spec.target_model_config is not None, "a drafter needs the target's config"
+    target_hf = spec.target_model_config.hf_config
+    target = cognica_config(target_hf)
+    stage = draft_stage(target_hf)
+    if stage < 1 or stage * target.poe_every >= target.n_active_layers:
+        # a drafter as deep as the target would only verify itself
+        raise ConfigError(
+            f"bad config: {DRAFT_STAGE_FIELD}: {stage} is not a stage prefix shallower than the target "
+            f"({target.n_active_layers} layers, {target.poe_every} per stage)"
+        )
+    sliding = [k < vllm_config.model_config.max_model_len for k in target.window_keys[: target.n_active_layers]]
+    if any(sliding) and not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        raise ValueError(
+            "self-speculative decoding of Cognica needs disable_hybrid_kv_cache_manager=True "
+            "(--disable-hybrid-kv-cache-manager): vLLM 0.32 gives a draft model the attention metadata of KV-cache "
+            "group 0, which is not the drafter's group when the target has sliding-window layers"
+        )
+    try:
+        return replace(target, poe_exit_stage=stage, poe_head="final")
+    except ConfigError as e:
+        raise ConfigError(f"self-speculative drafting with the stage-{stage} prefix: {e}") from None
