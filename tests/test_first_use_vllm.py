@@ -1,0 +1,113 @@
+"""First use on vLLM: the card's CPU-form command on the Hub id, against an offline hub cache laid out exactly as
+downloaded (tokenizer.pkl, no tokenizer.json, remote code that marks any import); run in .venv/vllm."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cognica.model import load_reference
+from cognica.tokenizer import load_tiktoken_pickle
+from tests.hub_fixture import (
+    BP_REPO,
+    CARD_PROMPT,
+    HubRepo,
+    make_hostile,
+    make_hub_repo,
+    published_checkpoint,
+    snapshot_state,
+)
+from tests.server_utils import free_port, serve
+from tests.utils import assert_fp32_parity
+
+BOS_ID = 32759
+CONVERTED = "cognica: converted"
+
+
+def api_server(port: int) -> list[str]:
+    """The card's `vllm serve "cognica/Cognica-BP-v1.0-1.3B-base"` in its CPU form (README), sized for the tests."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", BP_REPO, "--host", "127.0.0.1",
+            "--port", str(port), "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager",
+            "--max-num-seqs", "4"]
+
+
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> tuple[HubRepo, dict]:
+    ckpt = published_checkpoint(tmp_path_factory.mktemp("src") / "bp")
+    repo = make_hub_repo(tmp_path_factory.mktemp("hf_home"), BP_REPO, ckpt)
+    return repo, snapshot_state(repo.snapshot)
+
+
+@pytest.fixture(scope="module")
+def first_start(hub, tmp_path_factory: pytest.TempPathFactory):
+    repo, _ = hub
+    port, log = free_port(), tmp_path_factory.mktemp("vllm_first") / "server.log"
+    with serve(api_server(port), BP_REPO, port, log, {**ENV, **repo.env()}) as server:
+        yield server
+
+
+def test_card_curl_request_answers_with_bos_and_reference_greedy_tokens(hub, first_start):
+    repo, _ = hub
+    card = first_start.complete(prompt=CARD_PROMPT, max_tokens=16, temperature=0.5)  # the card's body, fewer tokens
+    assert card.status_code == 200 and card.json()["choices"][0]["text"], f"card request failed: {card.text[:300]}"
+    r = first_start.complete(prompt=CARD_PROMPT, max_tokens=8, temperature=0, logprobs=0,
+                             return_tokens_as_token_ids=True)
+    assert r.status_code == 200, r.text
+    prompt_ids = [BOS_ID, *load_tiktoken_pickle(repo.snapshot / "tokenizer.pkl").encode_ordinary(CARD_PROMPT)]
+    assert r.json()["usage"]["prompt_tokens"] == len(prompt_ids), f"<|bos|> must be prepended once: {r.json()['usage']}"
+    lp = r.json()["choices"][0]["logprobs"]
+    tokens = [int(t.split(":")[1]) for t in lp["tokens"]]
+    ref = load_reference(repo.snapshot, dtype=torch.float32)
+    assert_fp32_parity(ref, prompt_ids, tokens, lp["token_logprobs"], "vLLM server on the Hub id")
+
+
+def test_first_start_converts_the_tokenizer_once(hub, first_start):
+    repo, _ = hub
+    lines = [x for x in first_start.log.read_text().splitlines() if CONVERTED in x]
+    assert len(lines) == 1 and str(repo.snapshot / "tokenizer.pkl") in lines[0], \
+        f"the first start must convert tokenizer.pkl exactly once (all processes together): {lines}"
+
+
+def test_second_start_does_not_convert_again(hub, first_start, tmp_path):
+    repo, _ = hub
+    cache = Path(repo.env()["COGNICA_CACHE_DIR"]) / "tokenizers"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*/tokenizer.json")}
+    assert before, "the first start left no converted tokenizer in the cache"
+    port, log = free_port(), tmp_path / "second.log"
+    with serve(api_server(port), BP_REPO, port, log, {**ENV, **repo.env()}) as server:
+        r = server.complete(prompt=CARD_PROMPT, max_tokens=2, temperature=0)
+        assert r.status_code == 200, r.text
+    assert CONVERTED not in log.read_text(), "the second start converted tokenizer.pkl again"
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*/tokenizer.json")} == before, "cache was rewritten"
+
+
+def test_hostile_tokenizer_pkl_stops_the_server_before_the_engine(tmp_path_factory):
+    hf_home = tmp_path_factory.mktemp("hostile_hf_home")
+    ran = hf_home / "PICKLE_RAN"
+    ckpt = published_checkpoint(tmp_path_factory.mktemp("hostile_src") / "bp")
+    make_hostile(ckpt, ran)
+    repo = make_hub_repo(hf_home, BP_REPO, ckpt)
+    proc = subprocess.run(api_server(free_port()), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **ENV, **repo.env()}, start_new_session=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, f"the server started on a hostile tokenizer.pkl:\n{out[-2000:]}"
+    # vLLM's ModelConfig (pydantic) reports the config's error as "Value error, <message>"
+    pkl = str(repo.snapshot / "tokenizer.pkl")
+    errors = [x for x in out.splitlines() if f"{pkl}: refusing to unpickle global 'posix.system'" in x]
+    assert errors, f"the refusal must be one line naming the file and the refused global:\n{out[-3000:]}"
+    assert "EngineCore" not in out, "the engine process started before the refusal"
+    assert not ran.exists() and not repo.marker.exists(), "code from the hostile repo ran"
+
+
+def test_remote_code_never_imported_and_snapshot_unchanged(hub, first_start):
+    repo, state = hub
+    assert not repo.marker.exists(), "a *_cognica_poe.py file of the repo was imported"
+    assert snapshot_state(repo.snapshot) == state, "the hub snapshot was modified"
