@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,7 @@ def test_dry_run_kernel_cases_cover_attention_and_relu2_and_check_the_reference(
     for k in kernels:
         assert set(k) == KERNEL_FIELDS, f"{k['name']}: fields {sorted(set(k) ^ KERNEL_FIELDS)}"
         assert k["ok"] and k["ms"] > 0 and k["bytes"] > 0 and k["flops"] > 0, k
+        assert k["poisoned_runs"] == k["reps"] > 0, f"{k['name']}: outputs not poisoned"
         assert 0 <= k["max_abs_err"] < 0.05, f"{k['name']}: {k['max_abs_err']}"
         assert (k["torch_ms"] is not None) == k["name"].startswith("relu2_linear"), k
 
@@ -100,6 +102,29 @@ def test_report_fails_when_a_step_failed(tmp_path, capsys):
     assert gpu_check.report(tmp_path) == 1
     assert "=== GPU check: FAILED" in capsys.readouterr().out
     assert json.loads((tmp_path / "gpu_check.json").read_text())["ok"] is False
+
+
+def test_poison_catches_an_output_the_launcher_did_not_fully_write():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+    import torch
+
+    launcher = types.ModuleType("fake_launcher")
+    launcher.torch = torch
+
+    def launch(x: torch.Tensor, rows: int) -> list[torch.Tensor]:
+        out = launcher.torch.empty_like(x)  # what the Triton launchers do
+        out[:rows] = x[:rows]
+        return [out]
+
+    x = torch.ones(4, 3)
+    poison = gpu_check.Poison(launcher, (4, 3), torch.float32, torch.device("cpu"))
+    poison.prepare()
+    poison.check(poison.run(lambda: launch(x, 4)))
+    assert poison.landed == 1 and launcher.torch is torch, "a fully written output must pass and count as poisoned"
+    poison.prepare()
+    with pytest.raises(AssertionError, match="never written"):
+        poison.check(poison.run(lambda: launch(x, 3)))
 
 
 def test_script_refuses_to_run_without_an_output_folder():
