@@ -226,12 +226,20 @@ class _OnDevice:
 
 def parity(model: PagedCognica, ref32: CognicaGPT, ref16: CognicaGPT | None, profile: dict,
            device: torch.device) -> dict[str, object]:  # fmt: skip
-    """fp32 (ref16 None) or bf16 parity of paged_generate against the reference; failures are recorded."""
+    """fp32 (ref16 None) or bf16 parity of paged_generate against the reference; failures are recorded, and an
+    exception (a kernel that does not compile, ...) is one, so the timings still run."""
     prompts = random_prompts(list(profile["prompt_lens"]))
     t0 = time.time()
-    tokens, logprobs = paged_generate(model, prompts, profile["new_tokens"], profile["chunk"], device)
     out: dict[str, object] = {"prompt_lens": list(profile["prompt_lens"]), "new_tokens": profile["new_tokens"],
-                              "chunk": profile["chunk"], "tokens": tokens, "errors": []}  # fmt: skip
+                              "chunk": profile["chunk"], "tokens": [], "errors": []}  # fmt: skip
+    try:
+        tokens, logprobs = paged_generate(model, prompts, profile["new_tokens"], profile["chunk"], device)
+    except Exception as e:
+        out.update(ok=False, seconds=round(time.time() - t0, 1))
+        out["errors"].append(f"paged_generate raised {type(e).__name__}: {e}")
+        print(f"  parity {'fp32' if ref16 is None else 'bf16'}: FAILED {out['errors']}", flush=True)
+        return out
+    out["tokens"] = tokens
     for prompt, toks, lps in zip(prompts, tokens, logprobs):
         what = f"{len(prompt)}-token prompt"
         try:
