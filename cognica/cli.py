@@ -4,6 +4,7 @@
     cognica convert-tokenizer DIR [--out OUT]  tokenizer.pkl -> tokenizer.json (restricted unpickler)
     cognica make-checkpoint OUT --preset tiny|small|full --seed N [--dtype]
     cognica bpb DIR --engine reference|vllm|sglang --text FILE [--max-tokens N] [--dtype]
+        [--poe-exit-stage K] [--poe-head final|logop] [--poe-force]
 
 DIR may also be a Hugging Face repo id (`cognica/Cognica-BP-v1.0-1.3B-base`), resolved through huggingface_hub's
 cache (downloaded unless HF_HUB_OFFLINE=1; never the repo's *.py).
@@ -294,7 +295,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_bpb(args: argparse.Namespace) -> int:
-    from cognica.bpb import EngineUnavailable, evaluate_bpb
+    from cognica.bpb import EngineUnavailable, evaluate_bpb, poe_overrides
     from cognica.checkpoint import CheckpointError
     from cognica.tokenizer import TokenizerError
 
@@ -303,7 +304,9 @@ def cmd_bpb(args: argparse.Namespace) -> int:
         root = _local_dir(args.dir)
         if root is None:
             return 1
-        result = evaluate_bpb(str(root), text, engine=args.engine, max_tokens=args.max_tokens, dtype=args.dtype)
+        overrides = poe_overrides(args.poe_exit_stage, args.poe_head, args.poe_force)
+        result = evaluate_bpb(str(root), text, engine=args.engine, max_tokens=args.max_tokens, dtype=args.dtype,
+                              overrides=overrides)
     except EngineUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -311,7 +314,7 @@ def cmd_bpb(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"bpb {result.bpb:.6f} ({result.tokens} tokens, {result.bytes} bytes, {result.windows} window(s),"
-          f" engine {args.engine}, {args.dtype})")
+          f" engine {args.engine}, {args.dtype}{''.join(f', {k}={v}' for k, v in overrides.items())})")
     return 0
 
 
@@ -342,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", required=True, help="UTF-8 text file ('-' for stdin)")
     s.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     s.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
+    s.add_argument("--poe-exit-stage", type=int, default=None, metavar="K",
+                   help="PoE stage prefix: score with layers of stages 1..K only (K = n_stages: the full model)")
+    s.add_argument("--poe-head", choices=("final", "logop"), default=None,
+                   help="final (default) or logop: the mean of the stage-end log-probabilities")
+    s.add_argument("--poe-force", action="store_true",
+                   help="allow stage modes on a poe_mode='none' (BP) checkpoint (intermediate layers untrained)")
     s.set_defaults(func=cmd_bpb)
     return p
 

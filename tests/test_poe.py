@@ -27,7 +27,7 @@ SEQ = 320  # past the tiny preset's 256-key S window
 @pytest.fixture(scope="module")
 def poe_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("poe") / "poe", preset="tiny", seed=3, progress=False,
-                           tokenizer=False, n_layer=N_LAYER, poe_mode="flat", poe_every=POE_EVERY)
+                           n_layer=N_LAYER, poe_mode="flat", poe_every=POE_EVERY)
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +205,34 @@ def test_stage_prefix_reads_only_its_tensors(poe_ckpt: Path, monkeypatch: pytest
         f"a stage-1 prefix read tensors of later layers: {sorted(set(big))}"
     assert set(model.value_embeds.keys()) == {"1"}, "value-embedding tables exist only for built layers"
     assert not any(k.startswith(f"transformer.h.{POE_EVERY}.") for k in model.state_dict()), "no weights past stage 1"
+
+
+@pytest.mark.parametrize("argv, keywords", [(["--poe-exit-stage", "1"], {"poe_exit_stage": 1}),
+                                            (["--poe-head", "logop"], {"poe_head": "logop"})])
+def test_cli_bpb_scores_the_chosen_stage_mode(poe_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              argv: list[str], keywords: dict) -> None:
+    from cognica import cli
+    from cognica.bpb import bits_per_byte, encode_text
+
+    text = "The stage experts of a product of experts each predict the next token. " * 6
+    (tmp_path / "t.txt").write_text(text)
+    assert cli.main(["bpb", str(poe_ckpt), "--text", str(tmp_path / "t.txt"), *argv]) == 0
+    got = float(capsys.readouterr().out.split()[1])
+    ids = encode_text(poe_ckpt, text)
+    token_bytes = torch.load(poe_ckpt / "token_bytes.pt", weights_only=True)
+
+    def bpb(**kw) -> float:
+        return bits_per_byte(ids[1:], load_reference(poe_ckpt, **kw).token_logprobs(ids), token_bytes)
+
+    want = bpb(**keywords)
+    assert abs(got - want) < 1e-6, f"cognica bpb {argv}: {got:.6f}, the {keywords} reference gives {want:.6f}"
+    assert abs(got - bpb()) > 1e-5, f"{argv} gave the full model's bpb: the option was not applied"
+
+
+def test_cli_bpb_refuses_a_stage_exit_on_bp(bp_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cognica import cli
+
+    (tmp_path / "t.txt").write_text("hello")
+    assert cli.main(["bpb", str(bp_ckpt), "--text", str(tmp_path / "t.txt"), "--poe-exit-stage", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "not trained as predictors; set poe_force=true" in err, f"the refusal should say why: {err}"
