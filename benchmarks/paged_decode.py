@@ -118,7 +118,10 @@ class PagedCognica:
     """The reference model's weights run as a paged decode step (module docstring)."""
 
     def __init__(self, ref: CognicaGPT, window_left: tuple[int, ...]):
-        self.ref, self.cfg, self.window_left = ref, ref.config, window_left
+        cfg = ref.config
+        assert cfg.n_active_layers == cfg.n_layer and cfg.poe_head == "final", \
+            "the harness runs the whole model through its final head (no PoE stage prefix or Log-OP head)"
+        self.ref, self.cfg, self.window_left = ref, cfg, window_left
         self.qkv = [
             torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).contiguous() for b in ref.transformer.h
         ]
@@ -160,8 +163,9 @@ class PagedCognica:
             x = x + block.mlp.c_proj(relu2_linear_triton(layers.norm(x), block.mlp.c_fc.weight))
             if i == cfg.backout_layer:
                 x_backout = x
-        x = layers.norm(layers.backout(x, x_backout, ref.backout_lambda))
-        return layers.softcap(ref.lm_head(x)[..., : cfg.vocab_size])
+        # the reference's single-exit head (not the PoE Log-OP one): backout, final norm, lm_head, soft-cap
+        tail = layers.exit_tail(x, x_backout, ref.backout_lambda, cfg.exit_backout(cfg.n_layer - 1))
+        return layers.exit_logits(tail, ref.lm_head, cfg.vocab_size)
 
 
 def _step(seq_idx: list[int], ids: list[list[int]], starts: list[int], prevs: list[int], device: torch.device) -> Step:
