@@ -1,0 +1,98 @@
+"""First use on SGLang: the card's `sglang.launch_server --model-path <id>` in its CPU form, against an offline hub
+cache laid out exactly as downloaded (tokenizer.pkl, no tokenizer.json, remote code that marks any import); run in
+.venv/sglang with SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cognica.model import load_reference
+from cognica.tokenizer import load_tiktoken_pickle
+from tests.hub_fixture import (
+    BP_REPO,
+    CARD_PROMPT,
+    HubRepo,
+    make_hostile,
+    make_hub_repo,
+    published_checkpoint,
+    snapshot_state,
+)
+from tests.server_utils import KV_ALLOCATION_LOG, free_port, serve
+from tests.utils import assert_fp32_parity
+
+BOS_ID = 32759
+CONVERTED = "cognica: converted"
+
+
+def launch_server(port: int) -> list[str]:
+    """The card's `python3 -m sglang.launch_server --model-path "cognica/Cognica-BP-v1.0-1.3B-base"` in its CPU
+    form (README), sized for the tests."""
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", BP_REPO, "--host", "127.0.0.1", "--port",
+            str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+            "--skip-server-warmup", "--dtype", "float32", "--max-total-tokens", "4096"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> tuple[HubRepo, dict]:
+    ckpt = published_checkpoint(tmp_path_factory.mktemp("src") / "bp")
+    repo = make_hub_repo(tmp_path_factory.mktemp("hf_home"), BP_REPO, ckpt)
+    return repo, snapshot_state(repo.snapshot)
+
+
+@pytest.fixture(scope="module")
+def server(hub, tmp_path_factory: pytest.TempPathFactory):
+    repo, _ = hub
+    port, log = free_port(), tmp_path_factory.mktemp("sglang_first_use") / "server.log"
+    with serve(launch_server(port), BP_REPO, port, log, repo.env(), unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",),
+               startup_s=400) as s:
+        yield s
+
+
+def test_card_curl_request_answers_with_bos_and_reference_greedy_tokens(hub, server):
+    repo, _ = hub
+    card = server.complete(prompt=CARD_PROMPT, max_tokens=16, temperature=0.5)  # the card's body, fewer tokens
+    assert card.status_code == 200 and card.json()["choices"][0]["text"], f"card request failed: {card.text[:300]}"
+    r = server.complete(prompt=CARD_PROMPT, max_tokens=8, temperature=0, logprobs=0,
+                        return_token_ids=True)  # choices[].token_ids: serving_completions.py:622
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    prompt_ids = [BOS_ID, *load_tiktoken_pickle(repo.snapshot / "tokenizer.pkl").encode_ordinary(CARD_PROMPT)]
+    assert choice["prompt_token_ids"] == prompt_ids, f"<|bos|> must be prepended once: {choice['prompt_token_ids']}"
+    ref = load_reference(repo.snapshot, dtype=torch.float32)
+    assert_fp32_parity(ref, prompt_ids, choice["token_ids"], choice["logprobs"]["token_logprobs"],
+                       "SGLang server on the Hub id")
+
+
+def test_the_tokenizer_is_converted_once_across_the_server_processes(hub, server):
+    repo, _ = hub
+    lines = [x for x in server.log.read_text().splitlines() if CONVERTED in x]
+    assert len(lines) == 1 and str(repo.snapshot / "tokenizer.pkl") in lines[0], \
+        f"tokenizer.pkl must be converted exactly once for all of SGLang's processes: {lines}"
+
+
+def test_hostile_tokenizer_pkl_stops_the_server_before_the_engine(tmp_path_factory):
+    hf_home = tmp_path_factory.mktemp("hostile_hf_home")
+    ran = hf_home / "PICKLE_RAN"
+    ckpt = published_checkpoint(tmp_path_factory.mktemp("hostile_src") / "bp")
+    make_hostile(ckpt, ran)
+    repo = make_hub_repo(hf_home, BP_REPO, ckpt)
+    proc = subprocess.run(launch_server(free_port()), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **repo.env()}, start_new_session=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, f"the server started on a hostile tokenizer.pkl:\n{out[-2000:]}"
+    pkl = str(repo.snapshot / "tokenizer.pkl")
+    errors = [x for x in out.splitlines() if f"{pkl}: refusing to unpickle global 'posix.system'" in x]
+    assert errors, f"the refusal must be one line naming the file and the refused global:\n{out[-3000:]}"
+    assert KV_ALLOCATION_LOG["sglang"] not in out, "the engine allocated its KV cache before the refusal"
+    assert not ran.exists() and not repo.marker.exists(), "code from the hostile repo ran"
+
+
+def test_remote_code_never_imported_and_snapshot_unchanged(hub, server):
+    repo, state = hub
+    assert not repo.marker.exists(), "a *_cognica_poe.py file of the repo was imported"
+    assert snapshot_state(repo.snapshot) == state, "the hub snapshot was modified"
