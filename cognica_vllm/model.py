@@ -192,8 +192,11 @@ class CognicaModel(nn.Module):
         self.smear_lambda = nn.Parameter(torch.empty(1), requires_grad=False)
         self.backout_lambda = nn.Parameter(torch.empty(1), requires_grad=False)
         if get_pp_group().is_first_rank:
-            # smear reads the previous token id through the KV slots of a full-attention layer
-            full = [i for i in local if not cfg.is_sliding[i]]
+            # smear reads the previous token id through the KV slots of a full-attention layer; a stage prefix of
+            # S layers only (stage 1 of 2-layer stages) uses a sliding layer's: smear reads only position p-1, and
+            # vLLM frees only blocks before num_computed_tokens - window + 1 (vllm/v1/core/
+            # single_type_kv_cache_manager.py:1135-1170), so p-1 stays allocated while p is computed
+            full = [i for i in local if not cfg.is_sliding[i]] or list(local)
             if not full:
                 raise ValueError("pipeline split leaves the first rank without a full-attention layer; smear "
                                  "needs one (use fewer pipeline stages)")
