@@ -1,0 +1,101 @@
+"""PoE stage modes on SGLang against the reference's (`cognica.model.load_reference(..., poe_exit_stage=...)`).
+
+Checkpoint: the tiny preset with 8 layers in stages of 2 (stage ends 1, 3, 5, 7; backout after layer 4), so stage 1
+exits before the backout block and the Log-OP head over stages 1..3 mixes exits without and with it. Float32:
+greedy tokens identical and per-token logprobs within 1e-3 (tests/sglang_utils.check_parity), on prompts past the
+256-key S window, prefilled in 64-token chunks, batched with a short one.
+
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest tests/test_sglang_poe.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.sglang
+
+import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
+
+from cognica.factory import make_checkpoint  # noqa: E402
+from cognica.model import load_reference  # noqa: E402
+from tests.sglang_utils import EngineSlot, check_parity, random_prompt, run  # noqa: E402
+
+CHUNK = 64
+MODES = {
+    "stage1": {"poe_exit_stage": 1},
+    "stage3-logop": {"poe_exit_stage": 3, "poe_head": "logop"},
+}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("poe"), preset="tiny", seed=5, tokenizer=False, progress=False,
+                           n_layer=8, poe_mode="flat", poe_every=2)
+
+
+@pytest.fixture(scope="module")
+def engines(ckpt):
+    slot = EngineSlot(ckpt, max_total_tokens=8192, chunked_prefill_size=CHUNK, dtype="float32")
+    yield slot
+    slot.close()
+
+
+def test_stage_override_reaches_sglang_config_and_sizes_the_kv_pool(ckpt):
+    """`--json-model-override-args` is applied to the HF config after loading (sglang/srt/utils/hf_transformers/
+    config.py:411); the KV pool has num_hidden_layers layers (model_runner_components/layer_setup.py:214-220)."""
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    import cognica_sglang
+
+    cognica_sglang.register()
+    hf_config = get_config(str(ckpt), trust_remote_code=False, model_override_args={"poe_exit_stage": 1})
+    assert hf_config.num_hidden_layers == 2, f"stage 1 should give 2 KV layers, got {hf_config.num_hidden_layers}"
+    assert get_config(str(ckpt), trust_remote_code=False).num_hidden_layers == 8
+
+
+LONG, SHORT, NEW = random_prompt(420, seed=1), random_prompt(9, seed=2), 16
+
+
+@pytest.fixture(scope="module")
+def full_model_tokens(ckpt) -> list[int]:
+    return load_reference(ckpt, dtype=torch.float32).generate([LONG], NEW)[0]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_stage_mode_matches_reference(engines, ckpt, full_model_tokens, mode):
+    engine = engines.get(mode, json_model_override_args=json.dumps(MODES[mode]))
+    ref = load_reference(ckpt, dtype=torch.float32, **MODES[mode])
+    long_out, short_out = run(engine, [LONG, SHORT], NEW)
+    check_parity(ref, LONG, long_out, NEW, f"{mode}: {len(LONG)}-token prompt (chunks of {CHUNK}, past the window)")
+    check_parity(ref, SHORT, short_out, NEW, f"{mode}: short prompt batched with it")
+    assert full_model_tokens != long_out["output_ids"], \
+        f"{mode}: the full model predicts the same tokens, so this test could not tell the modes apart"
+
+
+def test_bp_checkpoint_refuses_a_stage_exit_in_the_first_process(tmp_path):
+    bp = make_checkpoint(tmp_path / "bp", preset="tiny", seed=5, tokenizer=False, progress=False, n_layer=8,
+                         poe_every=2)
+    code = (  # counts the processes the attempt starts, as tests/engine_start_driver.py does
+        "import multiprocessing.process as mp, sglang, sys\n"
+        "started, start = [], mp.BaseProcess.start\n"
+        "mp.BaseProcess.start = lambda self: (started.append(self.name), start(self))\n"
+        "try:\n"
+        f"    sglang.Engine(model_path={str(bp)!r}, device='cpu', attention_backend='torch_native',"
+        " skip_tokenizer_init=True, disable_cuda_graph=True, skip_server_warmup=True, max_total_tokens=4096,"
+        " json_model_override_args='{\"poe_exit_stage\": 1}', log_level='error')\n"
+        "except Exception as e:\n"
+        "    print('STARTED', len(started), 'REFUSED', type(e).__name__, e)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == 0, f"SGLang started a stage exit on a BP checkpoint:\n{proc.stderr[-2000:]}"
+    assert "STARTED 0 REFUSED" in proc.stdout, f"refused only after engine processes started:\n{proc.stdout[-2000:]}"
+    assert "not trained as predictors; set poe_force=true" in proc.stdout, \
+        f"the refusal should say why and how to override:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
