@@ -27,8 +27,8 @@ from tests.hub_fixture import (
 BOS_ID = 32759
 CONVERTED = "cognica: converted"  # the one line a conversion logs (cognica.tokenizer.converted_tokenizer)
 
-# The card's transformers usage, verbatim apart from dropping trust_remote_code=True (and .cuda()), after
-# `import cognica`; then the same for the PoE twin's id and an unsupported generate keyword. Prints one JSON line.
+# The card's transformers snippets, verbatim apart from dropping trust_remote_code=True (and .cuda(): CPU), after
+# `import cognica`; then the PoE twin's id and an unsupported generate keyword. Prints one JSON line.
 CARD_SNIPPETS = f'''
 import json
 import cognica
@@ -36,14 +36,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 pipe = pipeline("text-generation", model="{BP_REPO}")
 model = AutoModelForCausalLM.from_pretrained("{BP_REPO}", dtype="auto")
+
+# the card's "Usage" block
+import torch
+model16 = AutoModelForCausalLM.from_pretrained(
+"{BP_REPO}",
+torch_dtype=torch.bfloat16,
+).eval()
 tok = AutoTokenizer.from_pretrained(
 "{BP_REPO}",
 )
 prompt = "<|bos|>The capital of France is"
 ids = tok.encode(prompt, return_tensors="pt")
+out16 = model16.generate(ids, max_new_tokens=40, do_sample=False,
+                         repetition_penalty=1.15, pad_token_id=tok.eos_token_id)
+print(tok.decode(out16[0]))
+
+# the same call on the dtype="auto" model (float32 here), compared with the reference by the test
 out = model.generate(ids, max_new_tokens=40, do_sample=False,
                      repetition_penalty=1.15, pad_token_id=tok.eos_token_id)
-print(tok.decode(out[0]))
 
 piped = pipe("The capital of France is", max_new_tokens=8, do_sample=False)[0]["generated_text"]
 try:
@@ -56,6 +67,7 @@ poe = AutoModelForCausalLM.from_pretrained("{POE_REPO}", dtype="auto")
 poe_out = poe.generate(poe_tok.encode(prompt, return_tensors="pt"), max_new_tokens=6, do_sample=False)
 print("RESULT=" + json.dumps({{
     "ids": ids[0].tolist(), "out": out[0].tolist(), "dtype": str(model.model.dtype), "tok": type(tok).__name__,
+    "dtype16": str(model16.model.dtype), "out16_len": out16.shape[1],
     "piped": piped, "refused": refused, "poe_mode": poe.config.poe_mode, "poe_out": poe_out[0].tolist(),
 }}))
 '''
@@ -139,6 +151,8 @@ def test_card_generate_equals_reference_with_repetition_penalty(hub, card_run):
     ref = load_reference(bp.snapshot, dtype=torch.float32)
     want = reference_greedy(ref, got["ids"], 40, repetition_penalty=1.15)
     assert got["out"] == want, f"generate() differs from the reference:\n{got['out']}\n{want}"
+    assert got["dtype16"] == "torch.bfloat16", f"torch_dtype=torch.bfloat16 must load bf16, got {got['dtype16']}"
+    assert len(got["ids"]) < got["out16_len"] <= len(got["ids"]) + 40, "the card's bf16 generate must generate"
 
 
 def test_card_pipeline_continues_like_the_reference(hub, card_run):
@@ -221,3 +235,38 @@ def test_remote_code_never_imported_and_snapshot_unchanged(hub, card_run):
     bp, poe, state = hub
     assert not bp.marker.exists() and not poe.marker.exists(), "a *_cognica_poe.py file of the repo was imported"
     assert snapshot_state(bp.snapshot) == state, "the hub snapshot was modified"
+
+
+def test_converted_tokenizer_lives_in_the_cognica_cache_keyed_by_content(hub, tmp_path, monkeypatch):
+    import hashlib
+
+    from cognica.tokenizer import converted_tokenizer
+
+    bp, _, _ = hub
+    monkeypatch.delenv("COGNICA_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    pkl = bp.snapshot / "tokenizer.pkl"
+    out = converted_tokenizer(pkl)
+    digest = hashlib.sha256(pkl.read_bytes()).hexdigest()
+    assert out.parent == tmp_path / ".cache" / "cognica" / "tokenizers" and out.name.startswith(digest), \
+        f"converted tokenizer at {out}, expected ~/.cache/cognica/tokenizers/{digest}-v*"
+    assert (out / "tokenizer.json").is_file() and not (bp.snapshot / "tokenizer.json").exists()
+
+
+def test_generate_sampling_keywords_follow_transformers(hub):
+    from cognica.generation import generate
+
+    bp, _, _ = hub
+    ref = load_reference(bp.snapshot, dtype=torch.float32)
+    ids = torch.tensor([[BOS_ID, 1914, 8445, 433]])
+    greedy = generate(ref, ids, None, max_new_tokens=6, do_sample=False)
+    assert greedy.shape == (1, 10) and greedy[0].tolist() == reference_greedy(ref, ids[0].tolist(), 6)
+    for kw in ({"top_k": 1}, {"top_p": 1e-9}, {"temperature": 1e-4, "top_k": 0}):
+        torch.manual_seed(0)
+        sampled = generate(ref, ids, None, max_new_tokens=6, do_sample=True, **kw)
+        assert torch.equal(sampled, greedy), f"do_sample with {kw} must pick the argmax like transformers' warpers"
+    with pytest.raises(ValueError, match="frobnicate"):
+        generate(ref, ids, None, max_new_tokens=2, frobnicate=True)
+    with pytest.raises(ValueError, match="attention_mask with padding"):
+        generate(ref, ids, None, max_new_tokens=2, attention_mask=torch.tensor([[0, 1, 1, 1]]))
