@@ -523,7 +523,7 @@ def _published_class_alias() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    if name == HF_TOKENIZER_CLASS:  # built lazily so importing cognica does not import transformers
+    if name == HF_TOKENIZER_CLASS:  # built on first use (subclasses a transformers class)
         return _tokenizer_class()
     if name == PUBLISHED_TOKENIZER_CLASS + "Fast":
         return _published_class_alias()
