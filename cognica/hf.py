@@ -93,7 +93,9 @@ class CognicaPoEConfig(PretrainedConfig):
         elif path:
             from cognica.hub import cached_snapshot
 
-            snapshot = cached_snapshot(str(path), config_dict)  # a Hub id: the cached snapshot it was read from
+            # a Hub id (SGLang passes it as is: sglang/srt/utils/hf_transformers/config.py:228; vLLM too when online):
+            # the cached snapshot it was read from
+            snapshot = cached_snapshot(str(path), config_dict)
             if snapshot is not None:
                 _validate_at_load(snapshot, weights_optional=True)
         return super().from_dict(config_dict, **kwargs)
