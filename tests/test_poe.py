@@ -236,3 +236,25 @@ def test_cli_bpb_refuses_a_stage_exit_on_bp(bp_ckpt: Path, tmp_path: Path, capsy
     assert cli.main(["bpb", str(bp_ckpt), "--text", str(tmp_path / "t.txt"), "--poe-exit-stage", "2"]) == 1
     err = capsys.readouterr().err
     assert "not trained as predictors; set poe_force=true" in err, f"the refusal should say why: {err}"
+
+
+def test_vllm_bpb_passes_the_stage_options_as_hf_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cognica bpb --engine vllm --poe-head logop` builds vLLM's LLM with the option as `hf_overrides`."""
+    import cognica_vllm.bpb
+
+    built: dict = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            built.update(kwargs)
+
+        def generate(self, prompts, sp):
+            from types import SimpleNamespace
+
+            return [SimpleNamespace(prompt_logprobs=[None, {2: SimpleNamespace(logprob=-1.5)}])]
+
+    monkeypatch.setattr(cognica_vllm.bpb, "LLM", LLM)
+    monkeypatch.setattr(cognica_vllm.bpb.CognicaConfig, "from_file", lambda path: CognicaConfig())
+    got = cognica_vllm.bpb.prompt_logprobs("/ckpt", [[1, 2]], overrides={"poe_head": "logop"})
+    assert got == [[-1.5]], f"unexpected scoring through the fake LLM: {got}"
+    assert built.get("hf_overrides") == {"poe_head": "logop"}, f"options not passed to vLLM: {built}"

@@ -99,3 +99,26 @@ def test_bp_checkpoint_refuses_a_stage_exit_in_the_first_process(tmp_path):
     assert "STARTED 0 REFUSED" in proc.stdout, f"refused only after engine processes started:\n{proc.stdout[-2000:]}"
     assert "not trained as predictors; set poe_force=true" in proc.stdout, \
         f"the refusal should say why and how to override:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+
+def test_bpb_passes_the_stage_options_as_json_model_override_args(monkeypatch):
+    """`cognica bpb --engine sglang --poe-exit-stage 1` starts SGLang with the option (the scoring path itself is
+    tests/test_sglang.py's bpb parity)."""
+    import cognica_sglang.bpb
+
+    started = {}
+
+    class Engine:
+        def __init__(self, **kwargs):
+            started.update(kwargs)
+
+        def generate(self, **kwargs):
+            return [{"meta_info": {"input_token_logprobs": [(None, 1, None), (-1.5, 2, None)]}}]
+
+        def shutdown(self):
+            started["shutdown"] = True
+
+    monkeypatch.setattr(sglang, "Engine", Engine)
+    got = cognica_sglang.bpb.prompt_logprobs("/ckpt", [[1, 2]], overrides={"poe_exit_stage": 1})
+    assert got == [[-1.5]] and started.get("shutdown"), f"unexpected scoring through the fake engine: {got}"
+    assert json.loads(started["json_model_override_args"]) == {"poe_exit_stage": 1}, f"options not passed: {started}"
