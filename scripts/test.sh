@@ -25,11 +25,12 @@ step kernels env TRITON_INTERPRET=1 .venv/vllm/bin/python -m pytest -q tests/tes
 step kernels-compile .venv/vllm/bin/python -m pytest -q tests/test_kernels_compile.py
 # scripts/gpu_check.sh --dry-run (the GPU check's steps at tiny shapes on CPU, Triton interpreted): 36 s of CPU, 3 min at load 30
 step gpu-check-dry-run .venv/vllm/bin/python -m pytest -q tests/test_gpu_check.py
-step vllm .venv/vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_server.py tests/test_vllm_cuda_paths.py \
+step vllm .venv/vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_eager.py \
+  tests/test_vllm_release_shape.py tests/test_vllm_parallel.py tests/test_vllm_server.py tests/test_vllm_cuda_paths.py \
   tests/test_first_use_vllm.py tests/test_vllm_poe.py
 step sglang env SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest -q \
   tests/test_sglang.py tests/test_sglang_cuda_paths.py tests/test_tokenizer.py tests/test_first_use_sglang.py \
-  tests/test_sglang_poe.py
+  tests/test_sglang_poe.py tests/test_sglang_release_shape.py
 
 echo "=== all tests: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
 exit $status
