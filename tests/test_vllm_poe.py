@@ -155,6 +155,42 @@ def test_self_speculative_after_a_prefix_cache_hit_equals_reference(spec_llm, fu
     assert_fp32_parity(full_ref, extended, tokens, logprobs, "speculative after a prefix-cache hit", n_new=40)
 
 
+@pytest.fixture(scope="module")
+def shallow_ckpt(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights with every layer past stage 1 an identity (c_proj zero, resid 1, x0 0): the full model then
+    predicts exactly like its stage-1 prefix (the final backout scales x, which the norm undoes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cognica.config import tensor_layer
+
+    out = tmp_path_factory.mktemp("shallow") / "shallow"
+    shutil.copytree(ckpt, out)
+    w = load_file(str(ckpt / "model.safetensors"))
+    for name, t in w.items():
+        layer = tensor_layer(name)
+        if layer is not None and layer >= 2 and name.endswith("c_proj.weight"):
+            w[name] = torch.zeros_like(t)
+    w["resid_lambdas"][2:], w["x0_lambdas"][2:] = 1.0, 0.0
+    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_drafter_is_the_exact_stage1_prefix(engines, shallow_ckpt):
+    """Where the full model predicts like its stage-1 prefix, every draft is accepted: a drafter that differs from
+    the prefix anywhere (windows, smear, value embeddings, positions past the window) would have drafts rejected."""
+    llm = engines.get("spec-shallow", model=str(shallow_ckpt), enforce_eager=True, disable_log_stats=False,
+                      speculative_config={**SPEC, "model": str(shallow_ckpt)}, disable_hybrid_kv_cache_manager=True)
+    ref = load_reference(shallow_ckpt, dtype=torch.float32, poe_exit_stage=1)
+    prompts = random_prompts([5, 300, 700], seed=9)
+    for prompt, (tokens, _, _) in zip(prompts, run(llm, prompts)):
+        assert ref.generate([prompt], NEW)[0] == tokens, f"{len(prompt)}-token prompt: not the stage-1 prediction"
+    drafted, accepted = spec_counts(llm)
+    assert drafted > 0 and accepted >= 0.98 * drafted, \
+        f"the drafter disagreed with its own prefix: {accepted}/{drafted} drafts accepted"
+
+
 def test_self_speculative_needs_one_kv_cache_group(engines, ckpt):
     """vLLM 0.32 hands a draft model KV-cache group 0's metadata (gpu_model_runner.py:2532-2545): with the hybrid
     manager the drafter would write over the target's sliding-layer KV, so it is refused with the fix."""
