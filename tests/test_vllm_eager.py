@@ -27,8 +27,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from vllm import LLM, SamplingParams  # noqa: E402  (after the env defaults above)
 
 CHUNK = 64
-# 32-token blocks; one pool block holds one block of every KV-cache group (vLLM groups the 4 layers as 1 full + 3
-# sliding, vllm/v1/core/kv_cache_utils.py). A 1024-token request needs 32 full + 3 x 11 sliding = 65 blocks
+# 32-token blocks from one shared pool, drawn by 4 KV-cache groups of one layer each, 1 full + 3 sliding
+# (vllm/v1/core/kv_cache_utils.py:1362). A 1024-token request needs 32 full + 3 x 11 sliding = 65 blocks
 # (vLLM refuses to start with fewer); 6 requests decoding to 156-306 tokens need ~180.
 POOL_BLOCKS = 72
 
