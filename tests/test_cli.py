@@ -109,8 +109,10 @@ def test_inspect_lists_unknown_config_fields_without_failing(tiny_ckpt, tmp_path
 
 
 def test_inspect_of_a_missing_directory_exits_1(tmp_path: Path, capsys):
-    rc, out = run_inspect(tmp_path / "nope", capsys)
-    assert rc == 1 and "not a directory" in out, f"a missing directory must be reported:\n{out}"
+    rc = cli.main(["inspect", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no such directory" in err and str(tmp_path / "nope") in err, \
+        f"a missing directory must be reported on stderr, naming it:\n{err}"
 
 
 def test_convert_tokenizer_round_trip(published_ckpt: Path, tmp_path: Path, capsys):
