@@ -89,6 +89,39 @@ def make_hostile(ckpt: Path, marker: Path) -> None:
     (ckpt / "tokenizer.pkl").write_bytes(pickle.dumps(Touch()))
 
 
+def hostile_hub_repo(tmp_path_factory) -> tuple[HubRepo, Path]:
+    """A hub cache of the BP id whose tokenizer.pkl would `touch` the returned marker path if it were unpickled."""
+    hf_home = tmp_path_factory.mktemp("hostile_hf_home")
+    ran = hf_home / "PICKLE_RAN"
+    ckpt = published_checkpoint(tmp_path_factory.mktemp("hostile_src") / "bp")
+    make_hostile(ckpt, ran)
+    return make_hub_repo(hf_home, BP_REPO, ckpt), ran
+
+
+def bp_hub(tmp_path_factory) -> tuple[HubRepo, dict[str, tuple[str, str]]]:
+    """The BP id's hub cache and its snapshot state (to assert later that nothing was written)."""
+    ckpt = published_checkpoint(tmp_path_factory.mktemp("src") / "bp")
+    repo = make_hub_repo(tmp_path_factory.mktemp("hf_home"), BP_REPO, ckpt)
+    return repo, snapshot_state(repo.snapshot)
+
+
+def assert_server_refuses_hostile_pickle(cmd: list[str], env: dict[str, str], kv_allocation_log: str,
+                                          tmp_path_factory) -> None:
+    """An engine's server started on a hub id whose tokenizer.pkl is hostile exits non-zero before it allocates its KV
+    cache, with one line naming the file and the refused global, and nothing from the repo runs."""
+    repo, ran = hostile_hub_repo(tmp_path_factory)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env, **repo.env()},
+                          start_new_session=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, f"the server started on a hostile tokenizer.pkl:\n{out[-2000:]}"
+    # vLLM's ModelConfig (pydantic) reports the config's error as "Value error, <message>": match inside the line
+    pkl = str(repo.snapshot / "tokenizer.pkl")
+    errors = [x for x in out.splitlines() if f"{pkl}: refusing to unpickle global 'posix.system'" in x]
+    assert errors, f"the refusal must be one line naming the file and the refused global:\n{out[-3000:]}"
+    assert kv_allocation_log not in out, "the engine allocated its KV cache before the refusal"
+    assert not ran.exists() and not repo.marker.exists(), "code from the hostile repo ran"
+
+
 def snapshot_state(snapshot: Path) -> dict[str, tuple[str, str]]:
     """name -> (symlink target, sha256 of content) for every entry of the snapshot and of the blobs it links to."""
     out = {}

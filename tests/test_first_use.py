@@ -17,7 +17,7 @@ from tests.hub_fixture import (
     BP_REPO,
     POE_REPO,
     HubRepo,
-    make_hostile,
+    hostile_hub_repo,
     make_hub_repo,
     published_checkpoint,
     run_python,
@@ -216,11 +216,7 @@ def test_inspect_and_bpb_take_the_hub_id(hub, tmp_path, monkeypatch, capsys):
 
 
 def test_hostile_tokenizer_pkl_is_refused_by_every_transformers_entry(tmp_path_factory):
-    hf_home = tmp_path_factory.mktemp("hostile_hf_home")
-    ran = hf_home / "PICKLE_RAN"
-    ckpt = published_checkpoint(tmp_path_factory.mktemp("hostile_src") / "bp")
-    make_hostile(ckpt, ran)
-    repo = make_hub_repo(hf_home, BP_REPO, ckpt)
+    repo, ran = hostile_hub_repo(tmp_path_factory)
     errors = result(run_python(HOSTILE_LOADS, repo.env()))
     for entry, error in errors.items():
         assert error and "TokenizerError" in error, f"{entry} did not refuse the hostile tokenizer.pkl: {error}"

@@ -3,8 +3,6 @@ downloaded (tokenizer.pkl, no tokenizer.json, remote code that marks any import)
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,9 +15,8 @@ from tests.hub_fixture import (
     BP_REPO,
     CARD_PROMPT,
     HubRepo,
-    make_hostile,
-    make_hub_repo,
-    published_checkpoint,
+    assert_server_refuses_hostile_pickle,
+    bp_hub,
     snapshot_state,
 )
 from tests.server_utils import KV_ALLOCATION_LOG, free_port, serve
@@ -41,9 +38,7 @@ ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> tuple[HubRepo, dict]:
-    ckpt = published_checkpoint(tmp_path_factory.mktemp("src") / "bp")
-    repo = make_hub_repo(tmp_path_factory.mktemp("hf_home"), BP_REPO, ckpt)
-    return repo, snapshot_state(repo.snapshot)
+    return bp_hub(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -90,21 +85,7 @@ def test_second_start_does_not_convert_again(hub, first_start, tmp_path):
 
 
 def test_hostile_tokenizer_pkl_stops_the_server_before_the_engine(tmp_path_factory):
-    hf_home = tmp_path_factory.mktemp("hostile_hf_home")
-    ran = hf_home / "PICKLE_RAN"
-    ckpt = published_checkpoint(tmp_path_factory.mktemp("hostile_src") / "bp")
-    make_hostile(ckpt, ran)
-    repo = make_hub_repo(hf_home, BP_REPO, ckpt)
-    proc = subprocess.run(api_server(free_port()), capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **ENV, **repo.env()}, start_new_session=True)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, f"the server started on a hostile tokenizer.pkl:\n{out[-2000:]}"
-    # vLLM's ModelConfig (pydantic) reports the config's error as "Value error, <message>"
-    pkl = str(repo.snapshot / "tokenizer.pkl")
-    errors = [x for x in out.splitlines() if f"{pkl}: refusing to unpickle global 'posix.system'" in x]
-    assert errors, f"the refusal must be one line naming the file and the refused global:\n{out[-3000:]}"
-    assert KV_ALLOCATION_LOG["vllm"] not in out, "the engine allocated its KV cache before the refusal"
-    assert not ran.exists() and not repo.marker.exists(), "code from the hostile repo ran"
+    assert_server_refuses_hostile_pickle(api_server(free_port()), ENV, KV_ALLOCATION_LOG["vllm"], tmp_path_factory)
 
 
 def test_remote_code_never_imported_and_snapshot_unchanged(hub, first_start):
