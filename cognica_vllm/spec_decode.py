@@ -15,9 +15,10 @@ ModelConfig with `runner="draft"` (vllm/config/speculative.py:1289-1312) and und
   (vllm/v1/worker/gpu_model_runner.py:2532-2545: only EAGLE-like proposers are matched on `kv_cache_gid`). With the
   hybrid manager our S layers form group 0 and the drafter's layers sit in the full-attention group; all groups
   alias one buffer from byte 0 (vllm/v1/core/kv_cache_utils.py:1630-1640), so the drafter, addressing group 0's
-  blocks, writes its keys over the target's sliding-layer KV: seen as wrong greedy tokens after a rejected draft. With one KV
-  group (vLLM keeps each layer's window in the attention kernel, vllm/v1/attention/backends/cpu_attn.py:178-197)
-  the drafter's layers share the target's block table; the price is the sliding layers' KV saving.
+  blocks, writes its keys over the target's sliding-layer KV: seen as wrong greedy tokens after a rejected draft.
+  With one KV group (vLLM keeps each layer's window in the attention kernel,
+  vllm/v1/attention/backends/cpu_attn.py:178-197) the drafter's layers share the target's block table; the price is
+  the sliding layers' KV saving.
 
 The smear state of both models stays exact: each model writes the ids of every token it processes at their KV
 slots before reading the previous position's id (`cognica_vllm.smear`), and a rejected draft's slot is rewritten
