@@ -30,7 +30,10 @@ from tests.utils import (
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from vllm import LLM, SamplingParams  # noqa: E402  (after the env defaults above)
+from vllm import LLM  # noqa: E402  (after the env defaults above)
+
+from tests.vllm_utils import prompt_logprobs  # noqa: E402
+from tests.vllm_utils import run as run_n  # noqa: E402
 
 CHUNK = 64  # max_num_batched_tokens: every prompt longer than this is prefilled in chunks
 NEW = 24
@@ -48,24 +51,8 @@ def count_upcast_linears(model: torch.nn.Module) -> int:
     return sum(isinstance(getattr(m, "cpu_linear", None), UpcastLinear) for m in model.modules())
 
 
-def greedy(n: int = NEW, prompt_logprobs: bool = False) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, logprobs=0, ignore_eos=True, detokenize=False,
-                          prompt_logprobs=0 if prompt_logprobs else None)
-
-
 def run(llm: LLM, prompts: list[list[int]], n: int = NEW, prompt_logprobs: bool = False):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(n, prompt_logprobs), use_tqdm=False)
-    return [(list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs], o)
-            for o in outs]
-
-
-def prompt_logprobs(out, prompt: list[int]) -> list[float]:
-    """vLLM's log p(prompt[t] | prompt[:t]) for t >= 1 (`prompt_logprobs=0`: each entry holds the prompt token;
-    entry 0 is None). A request with prompt log-probs never reads the prefix cache (vllm/sampling_params.py:622),
-    so every position is computed."""
-    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt), \
-        f"expected {len(prompt)} prompt logprob entries, got {len(out.prompt_logprobs or [])}"
-    return [d[tok].logprob for d, tok in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)]
+    return run_n(llm, prompts, n, prompt_logprobs)
 
 
 @pytest.fixture(scope="module")

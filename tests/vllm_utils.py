@@ -1,0 +1,42 @@
+"""Helpers shared by the in-process vLLM test files (run in .venv/vllm): greedy requests on token-id prompts and
+reading their tokens and log-probs back."""
+
+from __future__ import annotations
+
+from vllm import LLM, SamplingParams
+
+
+def greedy(n: int, prompt_logprobs: bool = False) -> SamplingParams:
+    """n greedy tokens with the chosen token's logprob (and every prompt token's, if asked)."""
+    return SamplingParams(max_tokens=n, temperature=0.0, logprobs=0, ignore_eos=True, detokenize=False,
+                          prompt_logprobs=0 if prompt_logprobs else None)
+
+
+def generate(llm: LLM, prompts: list[list[int]], n: int, prompt_logprobs: bool = False) -> list:
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(n, prompt_logprobs), use_tqdm=False)
+
+
+def answer(out) -> tuple[list[int], list[float]]:
+    """The generated token ids and each one's logprob."""
+    c = out.outputs[0]
+    return list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs, strict=True)]
+
+
+def run(llm: LLM, prompts: list[list[int]], n: int, prompt_logprobs: bool = False) -> list[tuple[list[int],
+                                                                                                  list[float], object]]:
+    """(tokens, logprobs, RequestOutput) per prompt."""
+    return [(*answer(o), o) for o in generate(llm, prompts, n, prompt_logprobs)]
+
+
+def prompt_logprobs(out, prompt: list[int]) -> list[float]:
+    """vLLM's log p(prompt[t] | prompt[:t]) for t >= 1 (`prompt_logprobs=0`: each entry holds the prompt token;
+    entry 0 is None). A request with prompt log-probs never reads the prefix cache (vllm/sampling_params.py:622),
+    so every position is computed."""
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt), \
+        f"expected {len(prompt)} prompt logprob entries, got {len(out.prompt_logprobs or [])}"
+    return [d[tok].logprob for d, tok in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)]
+
+
+def preemptions(llm: LLM) -> int:
+    """vLLM's own counter `vllm:num_preemptions` (vllm/v1/metrics/loggers.py:738), summed over engines."""
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
