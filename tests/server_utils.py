@@ -104,6 +104,16 @@ def stream_text(server: Server, **body) -> tuple[str, list[str]]:
     return "".join(text), reasons
 
 
+def check_streaming_equals_non_streaming(server: Server) -> None:
+    """A greedy streamed completion joins to the non-streamed text and ends once with finish_reason 'length'."""
+    body = dict(prompt="Once upon a time,", max_tokens=16, temperature=0)
+    r = server.complete(**body)
+    assert r.status_code == 200, r.text
+    text, reasons = stream_text(server, **body)
+    assert text == r.json()["choices"][0]["text"], "streamed text differs from the non-streamed completion"
+    assert reasons == ["length"], f"stream should end once with finish_reason 'length', got {reasons}"
+
+
 def disconnect_mid_stream(server: Server, prompt: str) -> None:
     """Open a long streaming request, read one chunk, and drop the connection."""
     r = requests.post(f"{server.url}/v1/completions", stream=True, timeout=120,

@@ -35,11 +35,11 @@ from tests.server_utils import (  # noqa: E402
     check_kv_allocation_logged,
     check_server_refuses_bad_checkpoint,
     check_short_soak,
+    check_streaming_equals_non_streaming,
     check_survives_disconnect,
     error_message,
     free_port,
     serve,
-    stream_text,
 )
 from tests.sglang_utils import BOS, EngineSlot, check_parity, greedy, lps, random_prompt, run  # noqa: E402
 from tests.utils import FP32_LOGPROB_ATOL, assert_bf16_close, bf16_tolerance  # noqa: E402
@@ -240,12 +240,7 @@ def test_server_streams_completions_with_logprobs_matching_reference(server, ref
 
 
 def test_server_streaming_equals_non_streaming(server):
-    body = dict(prompt="Once upon a time,", max_tokens=16, temperature=0)
-    r = server.complete(**body)
-    assert r.status_code == 200, r.text
-    text, reasons = stream_text(server, **body)
-    assert text == r.json()["choices"][0]["text"], "streamed text differs from the non-streamed completion"
-    assert reasons == ["length"], f"stream should end once with finish_reason 'length', got {reasons}"
+    check_streaming_equals_non_streaming(server)
 
 
 def test_server_refuses_repetition_penalty_outside_its_range(server):

@@ -19,10 +19,10 @@ from tests.server_utils import (
     check_kv_allocation_logged,
     check_server_refuses_bad_checkpoint,
     check_short_soak,
+    check_streaming_equals_non_streaming,
     check_survives_disconnect,
     free_port,
     serve,
-    stream_text,
 )
 from tests.utils import assert_fp32_parity
 
@@ -66,12 +66,7 @@ def test_server_completion_matches_reference_with_bos_prepended_once(server, tok
 
 
 def test_streaming_equals_non_streaming(server):
-    body = dict(prompt="Once upon a time,", max_tokens=16, temperature=0)
-    r = server.complete(**body)
-    assert r.status_code == 200, r.text
-    text, reasons = stream_text(server, **body)
-    assert text == r.json()["choices"][0]["text"], "streamed text differs from the non-streamed completion"
-    assert reasons == ["length"], f"stream should end once with finish_reason 'length', got {reasons}"
+    check_streaming_equals_non_streaming(server)
 
 
 def test_repetition_penalty_blocks_repeats(server, tokenizer):
