@@ -259,8 +259,9 @@ def soak(server: Server, prompts: list[str], n_requests: int, concurrency: int, 
             "rss_before_mib": rss0, "rss_after_mib": server.rss_mib()}
 
 
-# Variants of tests/test_bad_checkpoints.py that an engine start must refuse. The tokenizer.pkl variants are not
-# here: engines never read tokenizer.pkl (it is converted once, beforehand, by `cognica convert-tokenizer`).
+# Variants of tests/test_bad_checkpoints.py that an engine start must refuse. The hostile tokenizer.pkl variants are
+# not here: an engine converts a published tokenizer.pkl on first load through the restricted unpickler, and the
+# engines' refusal of a hostile one is tested by tests/test_first_use_vllm.py / test_first_use_sglang.py.
 ENGINE_START_VARIANTS = (
     "missing_tensor", "unknown_tensor", "wrong_shape", "int32_dtype", "nan_scalar", "truncated_file",
     "header_wrong_span", "empty_file", "config_missing_field", "config_heads_vs_width", "config_window_letter",
