@@ -32,7 +32,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 
-from tests.vllm_utils import prompt_logprobs  # noqa: E402
+from tests.vllm_utils import check_prefix_cache_hit_then_decode, prompt_logprobs  # noqa: E402
 from tests.vllm_utils import run as run_n  # noqa: E402
 
 CHUNK = 64  # max_num_batched_tokens: every prompt longer than this is prefilled in chunks
@@ -109,13 +109,7 @@ def test_sixteen_mixed_requests_batched_match_reference(llm32, ref32):
 
 
 def test_prefix_cache_hit_then_decode_matches_reference(llm32, ref32):
-    [base] = random_prompts([600], seed=5)
-    run(llm32, [base], n=4)
-    extended = base + random_prompts([90], seed=6)[0]
-    tokens, logprobs, out = run(llm32, [extended], n=40)[0]
-    assert out.num_cached_tokens >= 512, f"expected a prefix-cache hit on the 600 shared tokens, got " \
-        f"{out.num_cached_tokens} cached"
-    assert_fp32_parity(ref32, extended, tokens, logprobs, "after a prefix-cache hit", n_new=40)
+    check_prefix_cache_hit_then_decode(llm32, ref32, "after a prefix-cache hit")
 
 
 def test_bits_per_byte_matches_reference(tiny_ckpt, llm32):

@@ -29,6 +29,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 
+from tests.vllm_utils import check_prefix_cache_hit_then_decode  # noqa: E402
 from tests.vllm_utils import run as run_n  # noqa: E402
 
 CHUNK = 64
@@ -145,13 +146,7 @@ def test_self_speculative_greedy_equals_reference_across_16_mixed_requests(spec_
 
 
 def test_self_speculative_after_a_prefix_cache_hit_equals_reference(spec_llm, full_ref):
-    [base] = random_prompts([600], seed=5)
-    run(spec_llm, [base], n=4)
-    extended = base + random_prompts([90], seed=6)[0]
-    tokens, logprobs, out = run(spec_llm, [extended], n=40)[0]
-    assert out.num_cached_tokens >= 512, f"expected a prefix-cache hit on 600 shared tokens, got " \
-        f"{out.num_cached_tokens} cached"
-    assert_fp32_parity(full_ref, extended, tokens, logprobs, "speculative after a prefix-cache hit", n_new=40)
+    check_prefix_cache_hit_then_decode(spec_llm, full_ref, "speculative after a prefix-cache hit")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,20 @@ def run(llm: LLM, prompts: list[list[int]], n: int, prompt_logprobs: bool = Fals
     return [(*answer(o), o) for o in generate(llm, prompts, n, prompt_logprobs)]
 
 
+def check_prefix_cache_hit_then_decode(llm: LLM, ref, what: str) -> None:
+    """A 600-token prompt, then the same prompt + 90 tokens: the second hits the prefix cache (>= 512 cached tokens)
+    and its 40 greedy tokens and log-probs equal the reference's (float32)."""
+    from tests.utils import assert_fp32_parity, random_prompts
+
+    [base] = random_prompts([600], seed=5)
+    run(llm, [base], n=4)
+    extended = base + random_prompts([90], seed=6)[0]
+    tokens, logprobs, out = run(llm, [extended], n=40)[0]
+    assert out.num_cached_tokens >= 512, f"{what}: expected a prefix-cache hit on the 600 shared tokens, got " \
+        f"{out.num_cached_tokens} cached"
+    assert_fp32_parity(ref, extended, tokens, logprobs, what, n_new=40)
+
+
 def prompt_logprobs(out, prompt: list[int]) -> list[float]:
     """vLLM's log p(prompt[t] | prompt[:t]) for t >= 1 (`prompt_logprobs=0`: each entry holds the prompt token;
     entry 0 is None). A request with prompt log-probs never reads the prefix cache (vllm/sampling_params.py:622),
