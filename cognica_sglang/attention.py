@@ -1,26 +1,30 @@
 """SSSL attention through `cognica_kernels` on CUDA, inside SGLang's token pool.
 
-The model keeps `RadixAttention` (it owns the layer's window and registers with SGLang's backends). On CUDA, with
-`COGNICA_KERNELS=triton` (the default there), EXTEND batches (prefill and chunked prefill, which SGLang runs
-outside CUDA graphs) go through `cognica_kernels.token_pool_attention` instead: K/V are written with the pool's
-own `set_kv_buffer` (which translates to the sliding-window pool where the hybrid SWA pool is on), then the Triton
-kernel reads the layer's buffer through `req_to_token` (translated to SWA slots for the layers the pool keeps in
-its SWA sub-pool), touching only in-window keys. Decode batches stay on the backend's RadixAttention, whose
-CUDA-graph capture we do not replace. The Triton extend path is eager only: inside a prefill CUDA graph (breakable
-or full; SGLang enables them only for a model with a `layers` attribute,
-sglang/srt/model_executor/model_runner_components/cuda_graph_setup.py:629-639) the layer takes RadixAttention,
-whose own `_eager_attention` is the graph break (sglang/srt/layers/radix_attention.py:133-187).
+The model keeps `RadixAttention` (it owns the layer's window and registers with SGLang's backends), and by default
+SGLang's backend runs on CUDA (its triton / flashinfer / fa3 backends already skip out-of-window keys). On CUDA,
+with `COGNICA_KERNELS=triton` (or `attention=triton`; cognica_kernels.dispatch), EXTEND batches (prefill and chunked
+prefill, which SGLang runs outside CUDA graphs) go through `cognica_kernels.token_pool_attention` instead: K/V are
+written with the pool's own `set_kv_buffer` (which translates to the sliding-window pool where the hybrid SWA pool
+is on), then the Triton kernel reads the layer's buffer through `req_to_token` (translated to SWA slots for the
+layers the pool keeps in its SWA sub-pool), touching only in-window keys. Decode batches stay on the backend's
+RadixAttention, whose CUDA-graph capture we do not replace. The Triton extend path is eager only: inside a prefill
+CUDA graph (breakable or full; SGLang enables them only for a model with a `layers` attribute,
+sglang/srt/model_executor/model_runner_components/cuda_graph_setup.py:629-639) the layer takes RadixAttention, whose
+own `_eager_attention` is the graph break (sglang/srt/layers/radix_attention.py:133-187).
 
 On CPU, DECODE batches go through `cognica_kernels.token_pool_decode_attention` (plain torch, the whole batch in
 one gather of the in-window keys) instead of the torch_native backend's loop over the requests, which cost 14%
 of a 16-sequence decode step of the 1.38B model (py-spy, 2026-11-25); 16 x 96 decode steps took 71.9 s
 against 82.4 s with COGNICA_KERNELS=engine. Extend batches stay on RadixAttention.
-`COGNICA_KERNELS=engine` keeps the engine's attention everywhere.
+`COGNICA_KERNELS=engine` (or `attention=engine`) keeps the engine's attention everywhere. Both paths of ours
+read the pool as the model's dtype: where SGLang stores the KV cache in another one (`--kv-cache-dtype fp8`),
+the layer falls back to RadixAttention, logged once.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+import logging
 
 import torch
 from sglang.srt.layers.radix_attention import RadixAttention
@@ -30,22 +34,41 @@ from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get
 from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import is_in_breakable_cuda_graph
 from sglang.srt.model_executor.runner_utils.prefill_graph import is_in_prefill_graph_scope
 
-from cognica_kernels import KERNELS_ENV, engine_uses_triton
+from cognica_kernels import kernel_setting, use_triton
+
+logger = logging.getLogger(__name__)
 
 
 def use_triton_attention(is_cuda: bool, forward_batch: ForwardBatch) -> bool:
-    """Extend batches on CUDA, run eagerly: never inside a prefill CUDA graph being captured or replayed."""
-    if is_in_prefill_graph_scope() or is_in_breakable_cuda_graph():
+    """Extend batches on CUDA where COGNICA_KERNELS chooses our kernel (cognica_kernels.dispatch; SGLang's backend
+    by default), run eagerly: never inside a prefill CUDA graph being captured or replayed."""
+    if is_in_prefill_graph_scope() or is_in_breakable_cuda_graph() or not forward_batch.forward_mode.is_extend():
         return False
-    return engine_uses_triton(is_cuda) and forward_batch.forward_mode.is_extend()
+    return use_triton("attention", is_cuda, logger)
 
 
 def use_cpu_decode_attention(is_cuda: bool, forward_batch: ForwardBatch) -> bool:
-    """Batched torch decode attention: on CPU decode batches unless COGNICA_KERNELS=engine."""
+    """Batched torch decode attention: on CPU decode batches unless COGNICA_KERNELS selects the engine's
+    attention (`engine` or `attention=engine`)."""
     if is_cuda or not forward_batch.forward_mode.is_decode():
         return False
-    engine_uses_triton(False)  # validates the env value
-    return os.environ.get(KERNELS_ENV, "triton") != "engine"
+    return kernel_setting("attention") != "engine"
+
+
+@functools.cache
+def _log_quantized_kv(kv_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    logger.info("cognica: the KV cache is stored as %s, not the model's %s: using SGLang's attention backend instead "
+                "of cognica_kernels' attention", kv_dtype, dtype)
+
+
+def _kv_in_model_dtype(attn: RadixAttention, dtype: torch.dtype) -> bool:
+    """Whether this layer's pool holds K/V as `dtype`, unscaled: what our kernels read. Checked before anything
+    is written, so that RadixAttention, which then runs, stores this step's K/V itself (and only once)."""
+    kv_dtype = get_token_to_kv_pool().get_key_buffer(attn.layer_id).dtype
+    if kv_dtype == dtype and getattr(attn, "k_scale", None) is None:
+        return True
+    _log_quantized_kv(kv_dtype, dtype)
+    return False
 
 
 def _window(attn: RadixAttention) -> int | None:
@@ -100,8 +123,7 @@ def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn
     the KV cache is stored in another dtype (quantized KV): the caller then uses RadixAttention."""
     from cognica_kernels import token_pool_decode_attention
 
-    if get_token_to_kv_pool().get_key_buffer(attn.layer_id).dtype != q.dtype or \
-            getattr(attn, "k_scale", None) is not None:
+    if not _kv_in_model_dtype(attn, q.dtype):
         return None
     q, k_buf, v_buf, req_to_token, req_pool_indices = _store_and_address(q, k, v, attn, forward_batch)
     out = token_pool_decode_attention(q, k_buf, v_buf, req_to_token, req_pool_indices, forward_batch.seq_lens,
@@ -111,9 +133,12 @@ def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn
 
 def triton_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: RadixAttention,
                             forward_batch: ForwardBatch) -> torch.Tensor:
-    """q [tokens, heads * hd], k/v [tokens, kv_heads * hd] -> [tokens, heads * hd] for an extend batch."""
+    """q [tokens, heads * hd], k/v [tokens, kv_heads * hd] -> [tokens, heads * hd] for an extend batch; None where
+    the KV cache is stored in another dtype (quantized KV): the caller then uses RadixAttention."""
     from cognica_kernels import token_pool_attention
 
+    if not _kv_in_model_dtype(attn, q.dtype):
+        return None
     q, k_buf, v_buf, req_to_token, req_pool_indices = _store_and_address(q, k, v, attn, forward_batch)
     lens_cpu = forward_batch.extend_seq_lens_cpu  # host-side: no device sync per layer for the launch grid
     out = token_pool_attention(q, k_buf, v_buf, req_to_token, req_pool_indices, forward_batch.seq_lens,

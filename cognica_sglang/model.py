@@ -46,7 +46,7 @@ from torch import nn
 from cognica import hf, layers
 from cognica.checkpoint import canonical_name, expected_tensors, open_checkpoint, padded_vocab
 from cognica.config import ARCHITECTURE_ALIASES, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
-from cognica_kernels import engine_uses_triton
+from cognica_kernels import use_triton
 from cognica_kernels.cpu_linear import UpcastLinear, min_rows, upcast_wanted
 from cognica_sglang.attention import (
     cpu_decode_attention,
@@ -62,9 +62,9 @@ hf.register()  # the config class, also when loaded through SGLANG_EXTERNAL_MODE
 
 
 def select_relu2() -> Callable[[torch.Tensor], torch.Tensor]:
-    """relu^2 for the MLP: the cognica_kernels Triton op on CUDA (unless COGNICA_KERNELS=engine), exactly
-    `layers.relu2` elsewhere."""
-    if engine_uses_triton(is_cuda()):
+    """relu^2 for the MLP: exactly `layers.relu2`, or the cognica_kernels Triton op on CUDA where COGNICA_KERNELS
+    chooses it (cognica_kernels.dispatch)."""
+    if use_triton("relu2", is_cuda(), logger):
         from cognica_kernels.relu2 import relu2  # imported only where Triton can run
 
         return relu2

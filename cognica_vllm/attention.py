@@ -2,11 +2,13 @@
 """SSSL attention through `cognica_kernels` on CUDA, inside vLLM's paged KV cache.
 
 The model keeps vLLM's `Attention` layer (it owns the KV-cache spec, so the hybrid manager still sizes and frees
-each layer's blocks by its window). On CUDA with the FLASH_ATTN backend and `COGNICA_KERNELS=triton` (the
-default there) the model calls `cognica_paged_attention` instead of `Attention.forward`: the op writes this step's
-K/V through the backend's own `do_kv_cache_update`, then runs the Triton kernel on the same cache through the
-layer's block table, touching only in-window blocks on S layers. Elsewhere (CPU, other backends, a KV cache
-stored in another dtype such as `--kv-cache-dtype fp8`, `COGNICA_KERNELS=engine`) vLLM's built-in attention runs.
+each layer's blocks by its window). By default vLLM's attention runs (FLASH_ATTN already starts each S layer's
+key loop at its window start). On CUDA with the FLASH_ATTN backend and `COGNICA_KERNELS=triton` (or
+`attention=triton`; cognica_kernels.dispatch) the model calls `cognica_paged_attention` instead of
+`Attention.forward`: the op writes this step's K/V through the backend's own `do_kv_cache_update`, then runs the
+Triton kernel on the same cache through the layer's block table, touching only in-window blocks on S layers.
+Elsewhere (the default, CPU, other backends, a KV cache stored in another dtype such as `--kv-cache-dtype fp8`)
+vLLM's built-in attention runs.
 Like vLLM's own attention op, this one is opaque to torch.compile and splits the graph
 ("vllm::cognica_paged_attention"), so it reads each step's metadata eagerly.
 
@@ -23,7 +25,7 @@ from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from cognica_kernels import engine_uses_triton
+from cognica_kernels import use_triton
 from cognica_vllm.forward_context import layer_cache, layer_metadata, op_name, split_graph_at
 
 logger = init_logger(f"vllm.{__name__}")
@@ -34,10 +36,14 @@ SUPPORTED_BACKENDS = ("FLASH_ATTN",)  # KV layout [num_blocks, num_kv_heads, blo
 
 def use_cognica_attention(backend_name: str, is_cuda: bool, kv_cache_dtype: torch.dtype | None = None,
                           dtype: torch.dtype | None = None) -> bool:
-    """The Triton path: CUDA, a backend whose cache layout we read, a KV cache stored in the model's dtype (the
-    kernel reads it as q's dtype; `Attention.kv_cache_torch_dtype` is fp8 under `--kv-cache-dtype fp8`,
-    vllm/model_executor/layers/attention/attention.py:323), and not opted out (COGNICA_KERNELS)."""
-    if not engine_uses_triton(is_cuda) or backend_name not in SUPPORTED_BACKENDS:
+    """The Triton path: chosen for this GPU (COGNICA_KERNELS, cognica_kernels.dispatch: vLLM's own attention by
+    default), a backend whose cache layout we read, and a KV cache stored in the model's dtype (the kernel reads
+    it as q's dtype; `Attention.kv_cache_torch_dtype` is fp8 under `--kv-cache-dtype fp8`)."""
+    if not use_triton("attention", is_cuda, logger):
+        return False
+    if backend_name not in SUPPORTED_BACKENDS:
+        logger.info("cognica: the Triton kernel does not read the %s backend's KV layout: using vLLM's attention",
+                    backend_name)
         return False
     if kv_cache_dtype is not None and dtype is not None and kv_cache_dtype != dtype:
         logger.info("cognica: the KV cache is stored as %s, not the model's %s: using vLLM's %s attention instead "

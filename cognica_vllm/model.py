@@ -42,7 +42,7 @@ from vllm.sequence import IntermediateTensors
 from cognica import layers
 from cognica.checkpoint import CheckpointError, canonical_name, expected_tensors, open_checkpoint, padded_vocab
 from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
-from cognica_kernels import engine_uses_triton
+from cognica_kernels import use_triton
 from cognica_kernels.cpu_linear import UpcastLinear, min_rows, upcast_wanted
 from cognica_vllm.attention import cognica_paged_attention, register_splitting, use_cognica_attention
 from cognica_vllm.smear import SmearState, smear_prev_ids
@@ -55,10 +55,11 @@ STACKED_PARAMS = [("qkv_proj", "c_q", "q"), ("qkv_proj", "c_k", "k"), ("qkv_proj
 
 
 def mlp_activation():
-    """relu^2: the cognica_kernels Triton kernel on CUDA (unless COGNICA_KERNELS=engine), plain torch elsewhere."""
+    """relu^2: torch's (fused by the engine's compile), or the cognica_kernels Triton kernel on CUDA where
+    COGNICA_KERNELS chooses it (cognica_kernels.dispatch)."""
     from vllm.platforms import current_platform
 
-    if engine_uses_triton(current_platform.is_cuda()):
+    if use_triton("relu2", current_platform.is_cuda(), logger):
         from cognica_kernels.relu2 import relu2
 
         return relu2

@@ -19,7 +19,7 @@ step() {  # name, command...
 step ruff .venv/vllm/bin/ruff check cognica cognica_vllm cognica_sglang kernels tests benchmarks
 step core .venv/vllm/bin/python -m pytest -q tests/test_config.py tests/test_checkpoint.py tests/test_model.py \
   tests/test_tokenizer.py tests/test_cli.py tests/test_bad_checkpoints.py tests/test_fuzz.py tests/test_cpu_linear.py \
-  tests/test_upstream_oracle.py tests/test_poe.py tests/test_first_use.py
+  tests/test_upstream_oracle.py tests/test_poe.py tests/test_first_use.py tests/test_kernel_dispatch.py
 # the interpreter must be chosen before triton is imported, so the kernel tests get their own process
 step kernels env TRITON_INTERPRET=1 .venv/vllm/bin/python -m pytest -q tests/test_kernels.py
 step kernels-compile .venv/vllm/bin/python -m pytest -q tests/test_kernels_compile.py

@@ -300,12 +300,15 @@ def test_server_short_soak_every_answer_equals_the_request_alone(server):
 
 
 
-def test_triton_attention_and_relu2_are_chosen_on_cuda_extend_only(monkeypatch):
-    """The dispatch the model runs: Triton SSSL attention for CUDA extend batches, RadixAttention otherwise."""
+def test_triton_attention_is_chosen_on_cuda_extend_only_when_opted_in(monkeypatch):
+    """The dispatch the model runs: RadixAttention by default; Triton SSSL attention for CUDA extend batches where
+    COGNICA_KERNELS opts in."""
     from cognica_sglang.attention import use_triton_attention
 
     extend = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True))
     decode = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False))
+    monkeypatch.delenv("COGNICA_KERNELS", raising=False)
+    assert not use_triton_attention(True, extend), "the CUDA default must be SGLang's attention backend"
     monkeypatch.setenv("COGNICA_KERNELS", "triton")
     assert use_triton_attention(True, extend), "CUDA prefill/extend should take the Triton kernel"
     assert not use_triton_attention(True, decode), "decode stays on the (CUDA-graph captured) backend"

@@ -113,3 +113,31 @@ def test_context_longer_than_training_is_refused(tiny_ckpt: Path, monkeypatch: p
     monkeypatch.setattr(model, "get_server_args", lambda: args)  # what the scheduler process publishes
     with pytest.raises(ValueError, match="--context-length 2048 is longer than the 1024-token context"):
         model.CognicaPoEForCausalLM(config.hf_config)
+
+
+def test_quantized_kv_cache_falls_back_to_radix_attention_without_writing(monkeypatch: pytest.MonkeyPatch):
+    """`--kv-cache-dtype fp8` on CUDA with our extend kernel chosen: the pool holds fp8 K/V, which the kernel does
+    not read. The layer must fall back to RadixAttention (None here) before storing anything (RadixAttention
+    stores this step's K/V itself), for the extend and the CPU decode path alike."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from cognica_sglang.attention import cpu_decode_attention, triton_extend_attention
+
+    monkeypatch.setenv("COGNICA_KERNELS", "triton")
+    pool = MHATokenToKVPool(size=32, page_size=1, dtype=torch.float8_e4m3fn, head_num=2, head_dim=8, layer_num=1,
+                            device="cpu", enable_memory_saver=False)
+    writes = []
+    monkeypatch.setattr(pool, "set_kv_buffer", lambda *args, **kwargs: writes.append(args))
+    req_to_token = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
+    backend = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=req_to_token)
+    attn = SimpleNamespace(layer_id=0, head_dim=8, tp_q_head_num=2, tp_k_head_num=2, tp_v_head_num=2,
+                           sliding_window_size=-1, scaling=8**-0.5, k_scale=None)
+    q, k, v = (torch.randn(3, 16, dtype=torch.bfloat16) for _ in range(3))
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, req_pool_indices=torch.tensor([0]),
+                            out_cache_loc=torch.tensor([1, 2, 3]), seq_lens=torch.tensor([3]),
+                            extend_seq_lens=torch.tensor([3]), extend_seq_lens_cpu=[3])
+    assert pool.get_key_buffer(0).dtype != torch.bfloat16, "the pool must store K/V in another dtype for this test"
+    with forward_context(ForwardContext(attn_backend=backend)):
+        assert triton_extend_attention(q, k, v, attn, batch) is None, "fp8 KV: the extend kernel must not run"
+        assert cpu_decode_attention(q[:1], k[:1], v[:1], attn, batch) is None, "fp8 KV: the decode path must not run"
+    assert writes == [], "K/V were stored before falling back: RadixAttention would store them a second time"

@@ -131,9 +131,14 @@ def test_bits_per_byte_matches_reference(tiny_ckpt, llm32):
 
 
 def test_triton_attention_is_chosen_on_cuda_only(monkeypatch):
-    """The dispatch the model runs at init: Triton SSSL attention for CUDA + FLASH_ATTN unless opted out."""
+    """The dispatch the model runs at init: vLLM's attention by default; Triton SSSL attention for CUDA +
+    FLASH_ATTN where COGNICA_KERNELS opts in."""
     from cognica_vllm.attention import use_cognica_attention
 
+    monkeypatch.delenv("COGNICA_KERNELS", raising=False)
+    assert not use_cognica_attention("FLASH_ATTN", is_cuda=True), "the CUDA default must be vLLM's attention"
+    monkeypatch.setenv("COGNICA_KERNELS", "attention=triton")
+    assert use_cognica_attention("FLASH_ATTN", is_cuda=True), "attention=triton opts in"
     monkeypatch.setenv("COGNICA_KERNELS", "triton")
     assert use_cognica_attention("FLASH_ATTN", is_cuda=True)
     assert not use_cognica_attention("CPU_ATTN", is_cuda=False), "CPU uses vLLM's attention"
