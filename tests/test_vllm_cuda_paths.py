@@ -179,9 +179,11 @@ def test_triton_launch_variant_is_the_same_at_warm_up_and_capture(window_left):
 
 def test_fp8_kv_cache_falls_back_to_the_engines_attention(caplog, monkeypatch: pytest.MonkeyPatch):
     """`--kv-cache-dtype fp8` stores the cache as float8 (vLLM's own mapping); the Triton kernel reads it as q's
-    dtype, so the layer must take vLLM's attention, and say so, instead of asserting at the first forward."""
+    dtype, so the layer must take vLLM's attention, and say so, instead of asserting at the first forward, also
+    where COGNICA_KERNELS opts in to the Triton kernel."""
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
+    monkeypatch.setenv("COGNICA_KERNELS", "attention=triton")
     model = SimpleNamespace(dtype=torch.bfloat16)
     fp8 = kv_cache_dtype_str_to_dtype("fp8", model)
     assert attention.use_cognica_attention("FLASH_ATTN", True, kv_cache_dtype_str_to_dtype("auto", model),
