@@ -304,18 +304,23 @@ def validate_entries(cfg: CognicaConfig, stored: dict[str, TensorEntry]) -> dict
     return entries
 
 
+def read_entries(files: list[Path]) -> dict[str, TensorEntry]:
+    """Every tensor's header entry across the weight files; a name stored twice is an error."""
+    stored: dict[str, TensorEntry] = {}
+    for path in files:
+        for name, e in read_safetensors_header(path).items():
+            if name in stored:
+                raise CheckpointError(f"tensor {name!r} appears in both {stored[name].file.name} and {path.name}")
+            stored[name] = e
+    return stored
+
+
 def open_checkpoint(model_dir: str | os.PathLike[str], check_scalars: bool = True) -> Checkpoint:
     """Validate a checkpoint directory (config, files, headers, names, shapes, dtypes) without
     reading the big tensors; raise CheckpointError / ConfigError with one specific message."""
     root = check_directory(model_dir)
     cfg = CognicaConfig.from_file(root / "config.json")
-    stored: dict[str, TensorEntry] = {}
-    for path in weight_files(root):
-        for name, e in read_safetensors_header(path).items():
-            if name in stored:
-                raise CheckpointError(f"tensor {name!r} appears in both {stored[name].file.name} and {path.name}")
-            stored[name] = e
-    ckpt = Checkpoint(root, cfg, validate_entries(cfg, stored))
+    ckpt = Checkpoint(root, cfg, validate_entries(cfg, read_entries(weight_files(root))))
     if check_scalars:
         for name in SCALAR_NAMES:
             check_finite(name, ckpt.tensor(name))
@@ -324,5 +329,5 @@ def open_checkpoint(model_dir: str | os.PathLike[str], check_scalars: bool = Tru
 
 __all__ = [
     "Checkpoint", "CheckpointError", "ConfigError", "canonical_name", "expected_tensors", "open_checkpoint",
-    "read_safetensors_header", "validate_entries", "weight_files", "padded_vocab", "SCALAR_NAMES",
+    "read_entries", "read_safetensors_header", "validate_entries", "weight_files", "padded_vocab", "SCALAR_NAMES",
 ]
