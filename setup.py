@@ -29,5 +29,7 @@ setup(
         "console_scripts": ["cognica=cognica.cli:main"],
         "vllm.general_plugins": ["cognica=cognica_vllm:register"],
         "sglang.srt.plugins": ["cognica=cognica_sglang:register"],
+        # `cognica bpb --engine NAME`: each plugin offers its prompt log-prob back end (the core imports no plugin)
+        "cognica.bpb_backends": ["vllm=cognica_vllm.bpb:prompt_logprobs", "sglang=cognica_sglang.bpb:prompt_logprobs"],
     },
 )

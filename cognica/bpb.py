@@ -7,7 +7,8 @@ once (the first token of each later window is context only). Then
     bpb = sum(-ln p(t)) / (ln 2 * sum(token_bytes[t]))   over predicted tokens t with token_bytes[t] > 0
 
 Special tokens have 0 bytes in `token_bytes.pt` and drop out of both sums, as in nanochat. The engine
-back ends (`cognica_vllm.bpb`, `cognica_sglang.bpb`) only supply the per-window log-probabilities.
+back ends (`cognica_vllm.bpb`, `cognica_sglang.bpb`, found through the `cognica.bpb_backends` entry points, so the
+core imports no plugin) only supply the per-window log-probabilities.
 
 PoE stage modes (`poe_exit_stage`, `poe_head`, `poe_force`; see `cognica.config`) are config overrides: the
 reference takes them as `load_reference` keywords, vLLM as `hf_overrides`, SGLang as `json_model_override_args`,
@@ -16,12 +17,12 @@ so each mode's quality is measured on the same text by any engine. Bad options a
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ LogprobFn = Callable[..., list[list[float]]]
 # Windows stop this many tokens short of the context: engines reserve room for the sampled token (SGLang 0.5.23
 # accepts at most context - 6 input tokens), and every engine must score the same windows.
 WINDOW_MARGIN = 8
-ENGINE_MODULES = {"vllm": "cognica_vllm.bpb", "sglang": "cognica_sglang.bpb"}
+BACKENDS_GROUP = "cognica.bpb_backends"  # entry points NAME = module:prompt_logprobs, one per plugin (setup.py)
+ENGINES = ("vllm", "sglang")
 
 
 class EngineUnavailable(RuntimeError):
@@ -124,16 +126,16 @@ def engine_logprob_fn(engine: str) -> LogprobFn:
     """The `prompt_logprobs` function of an engine back end, imported only when asked for."""
     if engine == "reference":
         return reference_logprobs
-    module = ENGINE_MODULES.get(engine)
-    if module is None:
+    if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose reference, vllm or sglang")
+    found = [ep for ep in entry_points(group=BACKENDS_GROUP) if ep.name == engine]
+    where = f"--engine {engine} needs the {engine} venv (.venv/{engine}) with cognica installed"
+    if not found:
+        raise EngineUnavailable(f"{where}: no {BACKENDS_GROUP!r} entry point named {engine!r} is installed")
     try:
-        return importlib.import_module(module).prompt_logprobs
+        return found[0].load()
     except (ImportError, AttributeError) as e:
-        raise EngineUnavailable(
-            f"--engine {engine} needs the {engine} venv (.venv/{engine}) with cognica installed:"
-            f" cannot load {module}.prompt_logprobs ({type(e).__name__}: {e})"
-        ) from e
+        raise EngineUnavailable(f"{where}: cannot load {found[0].value} ({type(e).__name__}: {e})") from e
 
 
 @dataclass(frozen=True)

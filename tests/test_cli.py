@@ -210,3 +210,31 @@ def test_bpb_without_the_engine_venv_exits_2(tiny_ckpt: Path, tmp_path: Path, mo
     err = capsys.readouterr().err
     assert rc == 2, f"a missing engine back end must exit 2, got {rc}: {err}"
     assert "needs the sglang venv (.venv/sglang)" in err, f"the error must say which venv is needed: {err}"
+
+
+def test_engine_bpb_back_ends_come_from_the_plugins_entry_points():
+    """`cognica bpb --engine vllm` finds the plugin's back end through the `cognica.bpb_backends` entry point."""
+    import cognica_vllm.bpb
+    from cognica.bpb import engine_logprob_fn
+
+    assert engine_logprob_fn("vllm") is cognica_vllm.bpb.prompt_logprobs, "not the vLLM plugin's back end"
+
+
+def test_the_core_names_no_plugin_module():
+    """Dependency direction: `cognica` imports no plugin, neither by statement nor by a module-path string."""
+    import ast
+
+    core = Path(__file__).resolve().parent.parent / "cognica"
+    found = []
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and " " not in node.value:
+                names = [node.value]
+            plugins = [n for n in names if n.startswith(("cognica_vllm", "cognica_sglang"))]
+            found += [f"{path.name}:{node.lineno}: {n}" for n in plugins]
+    assert not found, f"the core names plugin modules: {found}"
