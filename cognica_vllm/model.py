@@ -358,7 +358,3 @@ def vllm_name(name: str) -> str:
     if name.endswith(("ve_gate.weight", "smear_gate.weight")):
         name = name[: -len(".weight")]  # plain parameters here, not nn.Linear
     return f"model.{name}"
-
-
-class CognicaForCausalLM(CognicaPoEForCausalLM):
-    """Alias: the same model under another architecture spelling."""
