@@ -15,7 +15,8 @@ Notable:
   tokenizer classes (ours, and `CognicaPoETokenizerFast`, which the published tokenizer_config.json's
   `tokenizer_class` resolves to, so its remote-code `auto_map` is never followed) convert it once through the
   restricted unpickler into a cache outside the model directory, keyed by the pickle's SHA-256
-  (`converted_tokenizer`), and load the result. The snapshot is never written.
+  (`converted_tokenizer`; entries are verified against a manifest, see `cognica.tokenizer_cache`), and load the
+  result. The snapshot is never written.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -30,11 +32,12 @@ import pickle
 import random
 import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import tiktoken
+
+from cognica.tokenizer_cache import cache_dir, converted_entry
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,9 @@ HF_TOKENIZER_CLASS = "CognicaTokenizerFast"
 # vllm/transformers_utils/repo_utils.py:357-378), SGLang via sglang/srt/utils/hf_transformers/tokenizer.py:176-181
 # (with the Hub id itself, which `_published_tokenizer` resolves).
 PUBLISHED_TOKENIZER_CLASS = "CognicaPoETokenizer"
-_CONVERTER_VERSION = "1"  # bump when hf_tokenizer_json or the written configs change: it keys the converted cache
+# bump when hf_tokenizer_json or the written configs change: it keys the converted cache (2: entries have a manifest)
+_CONVERTER_VERSION = "2"
+CONVERTED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _FACTORY_VERSION = "1"  # bump when the factory's corpus or algorithm changes: it keys the cache
 _FACTORY_CORPUS_BYTES = 24 << 20  # ~8 s of BpeTrainer on 2 cores, and yields >35k merges
 
@@ -133,17 +138,21 @@ def load_tiktoken_pickle(path: str | os.PathLike) -> tiktoken.Encoding:
     if not path.is_file():
         raise TokenizerError(f"tokenizer pickle not found: {path}")
     with open(path, "rb") as f:
-        try:
-            obj = _RestrictedUnpickler(f).load()
-        except TokenizerError:
-            raise
-        except Exception as e:  # truncated or corrupt streams raise EOFError, UnpicklingError, TypeError, ...
-            raise TokenizerError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
-        if f.read(1):
-            raise TokenizerError(f"{path}: trailing bytes after the pickle")
+        return _unpickle_encoding(f, str(path))
+
+
+def _unpickle_encoding(f: BinaryIO, where: str) -> tiktoken.Encoding:
+    try:
+        obj = _RestrictedUnpickler(f).load()
+    except TokenizerError:
+        raise
+    except Exception as e:  # truncated or corrupt streams raise EOFError, UnpicklingError, TypeError, ...
+        raise TokenizerError(f"{where}: not a readable pickle ({type(e).__name__}: {e})") from e
+    if f.read(1):
+        raise TokenizerError(f"{where}: trailing bytes after the pickle")
     if not isinstance(obj, _EncodingState) or not hasattr(obj, "state"):
-        raise TokenizerError(f"{path}: expected a pickled tiktoken.Encoding, got {type(obj).__name__}")
-    return _encoding_from_state(obj.state, str(path))
+        raise TokenizerError(f"{where}: expected a pickled tiktoken.Encoding, got {type(obj).__name__}")
+    return _encoding_from_state(obj.state, where)
 
 
 def make_encoding(mergeable_ranks: dict[bytes, int], name: str = ENCODING_NAME) -> tiktoken.Encoding:
@@ -267,12 +276,6 @@ def _train_ranks(texts: list[str], seed: int) -> dict[bytes, int]:
     return ranks
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("COGNICA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cognica")
-    return Path(base)
-
-
 def _read_ranks(path: Path) -> dict[bytes, int]:
     ranks = {}
     for line in path.read_text().splitlines():
@@ -287,7 +290,7 @@ def train_factory_encoding(seed: int = 0) -> tiktoken.Encoding:
     offline on local text. Cached on disk (tiktoken ranks format) keyed by the corpus, seed and version."""
     texts, used = _read_corpus(_corpus_files(seed))
     key = json.dumps([_FACTORY_VERSION, seed, _FACTORY_CORPUS_BYTES, used])
-    path = _cache_dir() / f"factory-{hashlib.sha256(key.encode()).hexdigest()[:16]}.tiktoken"
+    path = cache_dir() / f"factory-{hashlib.sha256(key.encode()).hexdigest()[:16]}.tiktoken"
     if path.is_file():
         ranks = _read_ranks(path)
     else:
@@ -372,11 +375,10 @@ def _write_keeping_original(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def _hf_tokenizer_files(pkl: Path, model_max_length: int) -> dict[str, str]:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for `pkl` (restricted unpickling)."""
-    enc = load_tiktoken_pickle(pkl)
+def _hf_tokenizer_files(enc: tiktoken.Encoding, where: str, model_max_length: int) -> dict[str, str]:
+    """CONVERTED_FILES (tokenizer.json, tokenizer_config.json, special_tokens_map.json) for `enc`, read from `where`."""
     if BOS not in enc._special_tokens:
-        raise TokenizerError(f"{pkl}: no {BOS} special token")
+        raise TokenizerError(f"{where}: no {BOS} special token")
     special_map = {"bos_token": BOS, "eos_token": BOS}
     # No add_bos_token: BOS lives in tokenizer.json's post-processor, and transformers 5 rebuilds the
     # post-processor when the key is present. No auto_map: nothing runs remote code.
@@ -398,28 +400,32 @@ def convert_tokenizer(model_dir: str | os.PathLike, out_dir: str | os.PathLike |
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir is not None else model_dir
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in _hf_tokenizer_files(model_dir / "tokenizer.pkl", _model_max_length(model_dir)).items():
+    pkl = model_dir / "tokenizer.pkl"
+    for name, text in _hf_tokenizer_files(load_tiktoken_pickle(pkl), str(pkl), _model_max_length(model_dir)).items():
         _write_keeping_original(out / name, text)
     return out
 
 
 def converted_tokenizer(pkl: str | os.PathLike) -> Path:
-    """The HF tokenizer files converted from `pkl`, in `<cognica cache>/tokenizers/<sha256 of pkl>/`: converted on
-    the first call (restricted unpickler; a refused or malformed pickle raises one TokenizerError line naming the
-    file), reused afterwards. Written to a temporary directory and renamed, so concurrent engine processes never
-    see a partial result. The model directory is only read."""
+    """The HF tokenizer files converted from `pkl`, in `<cognica cache>/tokenizers/<sha256 of pkl>-v<version>/`:
+    converted on the first call (restricted unpickler; a refused or malformed pickle raises one TokenizerError line
+    naming the file), reused while the entry passes its manifest check, converted again otherwise; in a private
+    temporary directory if the cache cannot be written (`cognica.tokenizer_cache`). The model directory is only
+    read."""
     pkl = Path(pkl)
     try:
         data = pkl.read_bytes()
     except OSError as e:
         raise TokenizerError(f"{pkl}: cannot read ({e.strerror})") from None
     key = hashlib.sha256(data).hexdigest()
-    out = _cache_dir() / "tokenizers" / f"{key}-v{_CONVERTER_VERSION}"
-    if (out / "tokenizer.json").is_file():
-        logger.debug("using the tokenizer converted earlier from %s: %s", pkl, out)
-        return out
+    return converted_entry(pkl, key, _CONVERTER_VERSION, CONVERTED_FILES, lambda: _convert_pickle(pkl, data))
+
+
+def _convert_pickle(pkl: Path, data: bytes) -> dict[str, str]:
+    """CONVERTED_FILES for the pickle bytes `data` (the very bytes whose hash keys the entry) read from `pkl`."""
     try:
-        files = _hf_tokenizer_files(pkl, 2048)  # model_max_length is set per model at load time
+        # model_max_length is set per model at load time
+        return _hf_tokenizer_files(_unpickle_encoding(io.BytesIO(data), str(pkl)), str(pkl), 2048)
     except TokenizerError as e:
         raise (e if str(pkl) in str(e) else TokenizerError(f"{pkl}: {e}")) from None
     except (KeyboardInterrupt, SystemExit):
@@ -427,22 +433,6 @@ def converted_tokenizer(pkl: str | os.PathLike) -> Path:
     except BaseException as e:  # tiktoken's Rust core panics (pyo3 PanicException is a BaseException)
         first = str(e).splitlines()[0] if str(e) else ""
         raise TokenizerError(f"{pkl}: rejected while building the tokenizer ({type(e).__name__}: {first})") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=out.parent))
-    try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        os.rename(tmp, out)
-    except OSError:
-        if not (out / "tokenizer.json").is_file():  # not another process winning the race: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    # once per tokenizer.pkl content: say where the converted copy lives (WARNING: engines show no INFO of ours)
-    logger.warning("cognica: converted %s to a Hugging Face tokenizer (restricted unpickler) in %s; later loads "
-                   "reuse it", pkl, out)
-    return out
 
 
 def _published_tokenizer(name: str | os.PathLike, kwargs: dict[str, Any]) -> tuple[Path, int] | None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -137,3 +138,46 @@ def run_python(code: str, env: dict[str, str], timeout: float = 300) -> subproce
     root = Path(__file__).resolve().parent.parent
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=root,
                           env={**os.environ, **env})
+
+
+# Damage a converted-tokenizer cache entry (`cognica.tokenizer.converted_tokenizer`'s directory) as a user's disk might:
+# `truncated` cuts tokenizer.json in half (a full disk, a copy cut short), `remapped` leaves it valid JSON that maps
+# text to other ids (edited, or another converter's output), `no_tokenizer_config` deletes tokenizer_config.json.
+CACHE_DAMAGES = ("truncated", "remapped", "no_tokenizer_config")
+
+
+def damage_cache_entry(entry: Path, how: str) -> None:
+    tok = entry / "tokenizer.json"
+    if how == "truncated":
+        data = tok.read_bytes()
+        tok.write_bytes(data[: len(data) // 2])
+    elif how == "remapped":
+        spec = json.loads(tok.read_text(encoding="utf-8"))
+        vocab = spec["model"]["vocab"]
+        top = max(vocab.values())
+        # reverse the merged tokens' ids: still a bijection, so it loads, but each merged token gets another's id
+        spec["model"]["vocab"] = {t: i if i < 256 else 256 + top - i for t, i in vocab.items()}
+        tok.write_text(json.dumps(spec), encoding="utf-8")
+    elif how == "no_tokenizer_config":
+        (entry / "tokenizer_config.json").unlink()
+    else:
+        raise ValueError(f"unknown damage {how!r}; expected one of {CACHE_DAMAGES}")
+
+
+def damaged_cache(repo: HubRepo, tmp: Path, how: str) -> tuple[dict[str, str], Path]:
+    """`repo.env()` with a fresh COGNICA_CACHE_DIR holding the converted tokenizer of the repo's tokenizer.pkl,
+    damaged `how`: (env, the damaged entry)."""
+    from cognica.tokenizer import converted_tokenizer
+
+    env = {**repo.env(), "COGNICA_CACHE_DIR": str(tmp / "damaged-cache")}
+    with mock.patch.dict(os.environ, env):
+        entry = converted_tokenizer(repo.snapshot / "tokenizer.pkl")
+    damage_cache_entry(entry, how)
+    return env, entry
+
+
+def unwritable_cache_dir(tmp: Path) -> Path:
+    """A COGNICA_CACHE_DIR that cannot be created, by root either (chmod does not stop root): a path under a file."""
+    blocker = tmp / "not-a-directory"
+    blocker.write_text("a regular file: nothing can be created under it\n")
+    return blocker / "cognica"

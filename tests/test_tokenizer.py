@@ -1,14 +1,16 @@
-"""The tokenizer: restricted unpickling, the factory Encoding, token_bytes.pt and the HF conversion.
+"""The tokenizer: restricted unpickling, the factory Encoding, token_bytes.pt, the HF conversion and its cache.
 
 tiktoken is the oracle: the converted tokenizer must give its ids and its decoded text, plus one <|bos|>.
 """
 
 import json
+import logging
 import os
 import pickle
 import random
 import subprocess
 import sysconfig
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,11 +27,13 @@ from cognica.tokenizer import (
     TokenizerError,
     _bpe_parts,
     convert_tokenizer,
+    converted_tokenizer,
     load_tiktoken_pickle,
     register_tokenizer,
     train_factory_encoding,
     write_token_bytes,
 )
+from tests.hub_fixture import CACHE_DAMAGES, damage_cache_entry, make_hostile, run_python, unwritable_cache_dir
 
 BOS_ID = 32759
 PUBLISHED_CONFIG = {"tokenizer_class": "NanoChatTokenizer", "auto_map": {"AutoTokenizer": ["missing.X", None]}}
@@ -322,3 +326,120 @@ def test_decode_matches_tiktoken(enc, hf, raw):
 def test_decode_skips_specials_on_request(enc, hf):
     ids = tiktoken_ids(enc, "<|bos|>hi<|user_start|>there<|user_end|>")
     assert hf.decode(ids, skip_special_tokens=True) == "hithere"
+
+
+# --- the converted-tokenizer cache: AutoTokenizer.from_pretrained on a directory with tokenizer.pkl only -----------
+
+# the published tokenizer_config.json: its class resolves to ours (cognica.tokenizer), its auto_map is never followed
+PUBLISHED_TOKENIZER_CONFIG = {"tokenizer_class": "CognicaPoETokenizer",
+                              "auto_map": {"AutoTokenizer": ["tokenization_cognica_poe.CognicaPoETokenizer", None]}}
+
+
+@pytest.fixture(scope="module")
+def published_dir(enc, tmp_path_factory):
+    d = tmp_path_factory.mktemp("published")
+    with open(d / "tokenizer.pkl", "wb") as f:
+        pickle.dump(enc, f)
+    (d / "tokenizer_config.json").write_text(json.dumps(PUBLISHED_TOKENIZER_CONFIG))
+    return d
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cognica-cache"
+    monkeypatch.setenv("COGNICA_CACHE_DIR", str(d))
+    return d
+
+
+def cognica_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("cognica") and r.levelno >= logging.WARNING]
+
+
+def entry_files(entry: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(entry.iterdir())}
+
+
+def assert_tiktoken_ids(tok, enc, what: str) -> None:
+    for text in PLAIN:
+        assert tok.encode(text) == [BOS_ID, *enc.encode_ordinary(text)], f"{what}: ids differ from tiktoken on {text!r}"
+
+
+@pytest.mark.parametrize("how", CACHE_DAMAGES)
+def test_damaged_cache_entry_is_reconverted_with_one_warning(how, published_dir, cache, enc, caplog):
+    entry = converted_tokenizer(published_dir / "tokenizer.pkl")
+    good = entry_files(entry)
+    damage_cache_entry(entry, how)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tok = AutoTokenizer.from_pretrained(published_dir)
+    assert_tiktoken_ids(tok, enc, f"after a {how} cache entry")
+    warnings = cognica_warnings(caplog)
+    assert len(warnings) == 1 and str(entry) in warnings[0], f"one warning naming {entry} expected: {warnings}"
+    assert entry_files(entry) == good, f"the {how} entry was not replaced by the converter's output"
+
+
+def test_concurrent_conversions_of_a_damaged_entry_all_get_a_complete_one(published_dir, cache, caplog):
+    pkl = published_dir / "tokenizer.pkl"
+    entry = converted_tokenizer(pkl)
+    good = entry_files(entry)
+    damage_cache_entry(entry, "truncated")
+    start, seen, errors = threading.Barrier(4), [], []
+
+    def load() -> None:
+        start.wait()
+        try:
+            seen.append(entry_files(converted_tokenizer(pkl)))  # read at once: a half-written entry would show here
+        except Exception as e:  # collected so the assert below names it
+            errors.append(repr(e))
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors and len(seen) == 4, f"a concurrent conversion failed: {errors}"
+    assert all(files == good for files in seen), "a concurrent caller read an incomplete or damaged entry"
+    warnings = cognica_warnings(caplog)
+    assert len(warnings) == 1 and str(entry) in warnings[0], f"one repair for all callers expected: {warnings}"
+
+
+def test_unwritable_cache_converts_privately_with_one_warning(published_dir, tmp_path, monkeypatch, enc, caplog):
+    location = unwritable_cache_dir(tmp_path)
+    monkeypatch.setenv("COGNICA_CACHE_DIR", str(location))
+    with caplog.at_level(logging.WARNING):
+        first = AutoTokenizer.from_pretrained(published_dir)
+        second = AutoTokenizer.from_pretrained(published_dir)
+    assert_tiktoken_ids(first, enc, "first load with an unwritable cache")
+    assert_tiktoken_ids(second, enc, "second load with an unwritable cache")
+    warnings = cognica_warnings(caplog)
+    assert len(warnings) == 1 and str(location) in warnings[0] and "COGNICA_CACHE_DIR" in warnings[0], \
+        f"one warning naming {location} and COGNICA_CACHE_DIR expected: {warnings}"
+
+
+def test_private_conversion_is_removed_at_exit(published_dir, tmp_path):
+    code = ("import os, cognica\nfrom cognica.tokenizer import converted_tokenizer\n"
+            f"d = converted_tokenizer({str(published_dir / 'tokenizer.pkl')!r})\n"
+            "print('RESULT=' + str(d) + '|' + str(os.path.isfile(d / 'tokenizer.json')))")
+    proc = run_python(code, {"COGNICA_CACHE_DIR": str(unwritable_cache_dir(tmp_path))})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT=")), None)
+    assert line, f"the load failed with an unwritable cache (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    private, existed = line[len("RESULT="):].split("|")
+    assert existed == "True", f"{private} held no tokenizer.json while the process ran"
+    assert not Path(private).exists(), f"the private conversion {private} outlived its process"
+
+
+def test_refused_pickle_stops_the_load_with_its_line_when_the_cache_is_unwritable(tmp_path, monkeypatch, caplog):
+    d, marker = tmp_path / "hostile", tmp_path / "PICKLE_RAN"
+    d.mkdir()
+    make_hostile(d, marker)
+    (d / "tokenizer_config.json").write_text(json.dumps(PUBLISHED_TOKENIZER_CONFIG))
+    monkeypatch.setenv("COGNICA_CACHE_DIR", str(unwritable_cache_dir(tmp_path)))
+    with caplog.at_level(logging.WARNING), pytest.raises(TokenizerError) as refused:
+        AutoTokenizer.from_pretrained(d)
+    message = str(refused.value)
+    assert message.startswith(f"{d / 'tokenizer.pkl'}: refusing to unpickle global 'posix.system'") and \
+        "\n" not in message, f"the refusal must be today's one line naming the file: {message!r}"
+    assert not cognica_warnings(caplog), f"a refused pickle must give its line only: {cognica_warnings(caplog)}"
+    assert not marker.exists(), "the hostile pickle ran"
