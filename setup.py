@@ -1,8 +1,8 @@
 """One distribution: the engine-free core, both engine plugins and the Triton kernels.
 
 No engine is an install requirement: vLLM (CPU or CUDA build) and SGLang pin clashing torch
-versions, so `scripts/setup_venvs.sh` installs each into its own virtualenv and installs this
-package beside it. The extras only document which engine build a venv needs.
+versions, so `scripts/setup.sh` installs each into its own virtualenv and installs this package
+beside it. The `test` extra is what the test command needs.
 """
 
 from setuptools import setup
