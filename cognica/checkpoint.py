@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,15 +237,20 @@ class Checkpoint:
         with safe_open(str(e.file), framework="pt") as f:
             return f.get_tensor(e.name)
 
-    def iter_tensors(self, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (canonical name, tensor) file by file; every float tensor is checked for NaN/Inf."""
+    def iter_tensors(self, progress: bool = False,
+                     keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (canonical name, tensor) file by file, only the names `keep` accepts (default all: e.g.
+        `CognicaConfig.is_built` for a stage prefix, whose other tensors are never read); every float tensor is
+        checked for NaN/Inf."""
         from safetensors import safe_open
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(self.entries), desc="loading weights", unit="tensor", disable=not progress)
         by_file: dict[Path, list[str]] = {}
         for canon, e in self.entries.items():
-            by_file.setdefault(e.file, []).append(canon)
+            if keep is None or keep(canon):
+                by_file.setdefault(e.file, []).append(canon)
+        total = sum(len(names) for names in by_file.values())
+        bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress)
         for path, names in sorted(by_file.items()):
             with safe_open(str(path), framework="pt") as f:
                 for canon in names:
@@ -255,8 +260,9 @@ class Checkpoint:
                     yield canon, t
         bar.close()
 
-    def state_dict(self, dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
-        return {n: (t.to(dtype) if dtype is not None else t) for n, t in self.iter_tensors(progress)}
+    def state_dict(self, dtype: torch.dtype | None = None, progress: bool = False,
+                   keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+        return {n: (t.to(dtype) if dtype is not None else t) for n, t in self.iter_tensors(progress, keep)}
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cognica import layers
-from cognica.checkpoint import Checkpoint, check_finite, open_checkpoint, padded_vocab
+from cognica.checkpoint import open_checkpoint, padded_vocab
 from cognica.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 
 
@@ -222,26 +222,6 @@ def load_reference(
     with torch.device("meta"):
         model = CognicaGPT(cfg)
     model = model.to_empty(device=device).to(dtype)
-    model.load_state_dict(_built_state_dict(ckpt, cfg, dtype, progress), strict=True)
+    # a stage prefix reads only the tensors it builds
+    model.load_state_dict(ckpt.state_dict(dtype, progress, keep=cfg.is_built), strict=True)
     return model.eval()
-
-
-def _built_state_dict(ckpt: Checkpoint, cfg: CognicaConfig, dtype: torch.dtype,
-                      progress: bool) -> dict[str, torch.Tensor]:
-    """Only the tensors the (possibly stage-prefix) model builds are read from disk."""
-    if cfg.n_active_layers == cfg.n_layer:
-        return ckpt.state_dict(dtype=dtype, progress=progress)
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for name, e in ckpt.entries.items():
-        if cfg.is_built(name):
-            by_file.setdefault(str(e.file), []).append(name)
-    for path, names in sorted(by_file.items()):
-        with safe_open(path, framework="pt") as f:
-            for name in names:
-                t = f.get_tensor(ckpt.entries[name].name)
-                check_finite(name, t)
-                out[name] = t.to(dtype)
-    return out
