@@ -17,7 +17,9 @@ from tests.hub_fixture import (
     HubRepo,
     assert_server_refuses_hostile_pickle,
     bp_hub,
+    damaged_cache,
     snapshot_state,
+    unwritable_cache_dir,
 )
 from tests.server_utils import KV_ALLOCATION_LOG, free_port, serve
 from tests.utils import assert_fp32_parity
@@ -68,6 +70,36 @@ def test_the_tokenizer_is_converted_once_across_the_server_processes(hub, server
     lines = [x for x in server.log.read_text().splitlines() if CONVERTED in x]
     assert len(lines) == 1 and str(repo.snapshot / "tokenizer.pkl") in lines[0], \
         f"tokenizer.pkl must be converted exactly once for all of SGLang's processes: {lines}"
+
+
+def test_damaged_cache_entry_is_replaced_and_the_served_ids_are_the_reference_s(hub, tmp_path):
+    repo, _ = hub
+    env, entry = damaged_cache(repo, tmp_path, "remapped")  # valid JSON, other ids: the silent damage
+    port, log = free_port(), tmp_path / "server.log"
+    with serve(launch_server(port), BP_REPO, port, log, env, unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",),
+               startup_s=400) as s:
+        r = s.complete(prompt=CARD_PROMPT, max_tokens=8, temperature=0, logprobs=0, return_token_ids=True)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    prompt_ids = [BOS_ID, *load_tiktoken_pickle(repo.snapshot / "tokenizer.pkl").encode_ordinary(CARD_PROMPT)]
+    assert choice["prompt_token_ids"] == prompt_ids, \
+        f"the server tokenized with the damaged entry: {choice['prompt_token_ids']}"
+    assert_fp32_parity(load_reference(repo.snapshot, dtype=torch.float32), prompt_ids, choice["token_ids"],
+                       choice["logprobs"]["token_logprobs"], "SGLang server after a damaged cache entry")
+    lines = [x for x in log.read_text().splitlines() if str(entry) in x]
+    assert len(lines) == 1, f"one warning naming the damaged entry expected (all processes together): {lines}"
+
+
+def test_unwritable_cache_does_not_stop_the_server(hub, tmp_path):
+    repo, _ = hub
+    location = unwritable_cache_dir(tmp_path)
+    port, log = free_port(), tmp_path / "server.log"
+    with serve(launch_server(port), BP_REPO, port, log, {**repo.env(), "COGNICA_CACHE_DIR": str(location)},
+               unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=400) as s:
+        r = s.complete(prompt=CARD_PROMPT, max_tokens=4, temperature=0)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"], f"no answer: {r.text[:300]}"
+    warned = [x for x in log.read_text().splitlines() if str(location) in x and "COGNICA_CACHE_DIR" in x]
+    assert warned, "the server must say that the cache location cannot be written and how to move it"
 
 
 def test_hostile_tokenizer_pkl_stops_the_server_before_the_engine(tmp_path_factory):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 from cognica.model import load_reference
@@ -17,7 +18,9 @@ from tests.hub_fixture import (
     HubRepo,
     assert_server_refuses_hostile_pickle,
     bp_hub,
+    damaged_cache,
     snapshot_state,
+    unwritable_cache_dir,
 )
 from tests.server_utils import KV_ALLOCATION_LOG, free_port, serve
 from tests.utils import assert_fp32_parity
@@ -82,6 +85,37 @@ def test_second_start_does_not_convert_again(hub, first_start, tmp_path):
         assert r.status_code == 200, r.text
     assert CONVERTED not in log.read_text(), "the second start converted tokenizer.pkl again"
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*/tokenizer.json")} == before, "cache was rewritten"
+
+
+def test_damaged_cache_entry_is_replaced_and_the_served_ids_are_the_reference_s(hub, tmp_path):
+    repo, _ = hub
+    env, entry = damaged_cache(repo, tmp_path, "remapped")  # valid JSON, other ids: the silent damage
+    port, log = free_port(), tmp_path / "server.log"
+    with serve(api_server(port), BP_REPO, port, log, {**ENV, **env}) as server:
+        served = requests.post(f"{server.url}/tokenize", json={"model": BP_REPO, "prompt": CARD_PROMPT}, timeout=60)
+        r = server.complete(prompt=CARD_PROMPT, max_tokens=8, temperature=0, logprobs=0,
+                            return_tokens_as_token_ids=True)
+    prompt_ids = [BOS_ID, *load_tiktoken_pickle(repo.snapshot / "tokenizer.pkl").encode_ordinary(CARD_PROMPT)]
+    assert served.status_code == 200 and served.json()["tokens"] == prompt_ids, \
+        f"the server tokenized with the damaged entry: {served.text[:300]}"
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    tokens = [int(t.split(":")[1]) for t in lp["tokens"]]
+    assert_fp32_parity(load_reference(repo.snapshot, dtype=torch.float32), prompt_ids, tokens, lp["token_logprobs"],
+                       "vLLM server after a damaged cache entry")
+    lines = [x for x in log.read_text().splitlines() if str(entry) in x]
+    assert len(lines) == 1, f"one warning naming the damaged entry expected (all processes together): {lines}"
+
+
+def test_unwritable_cache_does_not_stop_the_server(hub, tmp_path):
+    repo, _ = hub
+    location = unwritable_cache_dir(tmp_path)
+    port, log = free_port(), tmp_path / "server.log"
+    with serve(api_server(port), BP_REPO, port, log, {**ENV, **repo.env(), "COGNICA_CACHE_DIR": str(location)}) as s:
+        r = s.complete(prompt=CARD_PROMPT, max_tokens=4, temperature=0)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"], f"no answer: {r.text[:300]}"
+    warned = [x for x in log.read_text().splitlines() if str(location) in x and "COGNICA_CACHE_DIR" in x]
+    assert warned, "the server must say that the cache location cannot be written and how to move it"
 
 
 def test_hostile_tokenizer_pkl_stops_the_server_before_the_engine(tmp_path_factory):
