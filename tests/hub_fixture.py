@@ -181,3 +181,17 @@ def unwritable_cache_dir(tmp: Path) -> Path:
     blocker = tmp / "not-a-directory"
     blocker.write_text("a regular file: nothing can be created under it\n")
     return blocker / "cognica"
+
+
+def assert_server_answers_with_unwritable_cache(cmd: list[str], port: int, env: dict[str, str], tmp: Path,
+                                                **serve_kwargs) -> None:
+    """An engine's server (`cmd`, listening on `port`) started with a COGNICA_CACHE_DIR that cannot be created answers
+    the card's prompt, and its log names the location it could not write and COGNICA_CACHE_DIR."""
+    from tests.server_utils import serve
+
+    location, log = unwritable_cache_dir(tmp), tmp / "server.log"
+    with serve(cmd, BP_REPO, port, log, {**env, "COGNICA_CACHE_DIR": str(location)}, **serve_kwargs) as server:
+        r = server.complete(prompt=CARD_PROMPT, max_tokens=4, temperature=0)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"], f"no answer: {r.text[:300]}"
+    warned = [x for x in log.read_text().splitlines() if str(location) in x and "COGNICA_CACHE_DIR" in x]
+    assert warned, f"the log must name {location} and COGNICA_CACHE_DIR:\n{log.read_text()[-3000:]}"

@@ -15,11 +15,11 @@ from tests.hub_fixture import (
     BP_REPO,
     CARD_PROMPT,
     HubRepo,
+    assert_server_answers_with_unwritable_cache,
     assert_server_refuses_hostile_pickle,
     bp_hub,
     damaged_cache,
     snapshot_state,
-    unwritable_cache_dir,
 )
 from tests.server_utils import KV_ALLOCATION_LOG, free_port, serve
 from tests.utils import assert_fp32_parity
@@ -92,14 +92,9 @@ def test_damaged_cache_entry_is_replaced_and_the_served_ids_are_the_reference_s(
 
 def test_unwritable_cache_does_not_stop_the_server(hub, tmp_path):
     repo, _ = hub
-    location = unwritable_cache_dir(tmp_path)
-    port, log = free_port(), tmp_path / "server.log"
-    with serve(launch_server(port), BP_REPO, port, log, {**repo.env(), "COGNICA_CACHE_DIR": str(location)},
-               unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=400) as s:
-        r = s.complete(prompt=CARD_PROMPT, max_tokens=4, temperature=0)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"], f"no answer: {r.text[:300]}"
-    warned = [x for x in log.read_text().splitlines() if str(location) in x and "COGNICA_CACHE_DIR" in x]
-    assert warned, "the server must say that the cache location cannot be written and how to move it"
+    port = free_port()
+    assert_server_answers_with_unwritable_cache(launch_server(port), port, repo.env(), tmp_path,
+                                                unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=400)
 
 
 def test_hostile_tokenizer_pkl_stops_the_server_before_the_engine(tmp_path_factory):

@@ -71,12 +71,17 @@ def enc():
     return train_factory_encoding(0)
 
 
-@pytest.fixture(scope="module")
-def model_dir(enc, tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
+def pickle_dir(d: Path, enc, tokenizer_config: dict) -> Path:
+    """`d` with tokenizer.pkl (pickle.dump of `enc`, as nanochat writes it) and `tokenizer_config`."""
     with open(d / "tokenizer.pkl", "wb") as f:
         pickle.dump(enc, f)
-    (d / "tokenizer_config.json").write_text(json.dumps(PUBLISHED_CONFIG))
+    (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_dir(enc, tmp_path_factory):
+    d = pickle_dir(tmp_path_factory.mktemp("model"), enc, PUBLISHED_CONFIG)
     (d / "config.json").write_text(json.dumps({"sequence_len": 1024}))
     convert_tokenizer(d)
     return d
@@ -337,11 +342,7 @@ PUBLISHED_TOKENIZER_CONFIG = {"tokenizer_class": "CognicaPoETokenizer",
 
 @pytest.fixture(scope="module")
 def published_dir(enc, tmp_path_factory):
-    d = tmp_path_factory.mktemp("published")
-    with open(d / "tokenizer.pkl", "wb") as f:
-        pickle.dump(enc, f)
-    (d / "tokenizer_config.json").write_text(json.dumps(PUBLISHED_TOKENIZER_CONFIG))
-    return d
+    return pickle_dir(tmp_path_factory.mktemp("published"), enc, PUBLISHED_TOKENIZER_CONFIG)
 
 
 @pytest.fixture
