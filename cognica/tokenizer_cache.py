@@ -126,7 +126,8 @@ def converted_entry(source: Path, key: str, version: str, names: tuple[str, ...]
                     convert: Callable[[], dict[str, str]]) -> Path:
     """The directory holding `convert()`'s files `names` for `source` (the pickle, SHA-256 `key`): a verified cache
     entry, else converted and installed (one warning line), else, if the cache cannot be written, converted into a
-    private directory (one warning line per process). Errors of `convert` propagate before any entry is written."""
+    private directory (one warning line per process). Errors of `convert` propagate before any entry is written
+    (only the entry's lock file may have been created)."""
     entry = cache_dir() / "tokenizers" / f"{key}-v{version}"
     if entry_problem(entry, key, version, names) is None:
         logger.debug("using the tokenizer converted earlier from %s: %s", source, entry)
