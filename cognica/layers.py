@@ -45,16 +45,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def swap_rotary_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Permute the output rows of c_q / c_k so every head comes out with its halves swapped.
-
-    nanochat_rope(x) == swap(neox_rope(swap(x))), and q.k and the per-head rms norm are invariant
-    under the same permutation of q and k, so a model whose c_q/c_k rows are swapped can use an
-    engine's stock neox rotary at zero runtime cost. Only q and k are permuted; v is untouched.
-    """
-    out_features = w.shape[0]
-    h = w.view(out_features // head_dim, 2, head_dim // 2, *w.shape[1:])
-    return h.flip(1).reshape(w.shape)
+def nanochat_inv_freq(neox_inv_freq: torch.Tensor) -> torch.Tensor:
+    """An engine's neox rotary rotates each half-split pair by +theta (y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin);
+    nanochat by -theta (`apply_rotary`). With its inverse frequencies negated, the engine's cos/sin cache holds
+    (cos, -sin) (cos is even, sin odd), so its own rotary op is exactly nanochat's, at run time, on the published
+    c_q/c_k weights (which LoRA adapters and quantized checkpoints are made against)."""
+    return -neox_inv_freq
 
 
 def qk_norm(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,8 @@
 """Cognica (nanochat GPT) on SGLang's radix/paged KV cache.
 
 What differs from a Llama, and where it is handled (the math itself is in `cognica.layers`):
-- rotary: nanochat rotates by -theta; c_q/c_k rows are half-swapped at load time
-  (`layers.swap_rotary_halves`) so SGLang's stock neox rope gives the same scores;
+- rotary: nanochat rotates by -theta: SGLang's neox rotary with negated frequencies (`CognicaRotaryEmbedding`),
+  so the weights load as published;
 - per-head QK rms norm x 1.2 after rope, attention scale 1/sqrt(head_dim);
 - per-layer windows: `RadixAttention(sliding_window_size=window_left)`, keys before the query;
 - value embeddings (vocab-parallel tables) gated per KV head on alternating layers;
@@ -35,7 +35,7 @@ from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 from sglang.srt.layers.radix_attention import RadixAttention
-from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
@@ -84,6 +84,14 @@ def tp_shard(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return t.chunk(tp.tp_size, dim=dim)[tp.tp_rank] if tp.tp_size > 1 else t
 
 
+class CognicaRotaryEmbedding(RotaryEmbedding):
+    """SGLang's neox rotary (its kernels and cache growth included) rotating by nanochat's -theta
+    (`layers.nanochat_inv_freq`)."""
+
+    def _compute_inv_freq(self, base: float) -> torch.Tensor:
+        return layers.nanochat_inv_freq(super()._compute_inv_freq(base))
+
+
 class CognicaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, quant_config: QuantizationConfig | None = None,
                  prefix: str = "") -> None:
@@ -122,9 +130,9 @@ class CognicaAttention(nn.Module):
             ColumnParallelLinear(VE_GATE_CHANNELS, cfg.n_kv_head, bias=False, prefix=add_prefix("ve_gate", prefix))
             if layer_id in cfg.ve_layers else None
         )
-        # Half-swapped c_q/c_k rows + neox rope == nanochat's -theta rope (see layers.swap_rotary_halves)
-        self.rotary_emb = get_rope(cfg.head_dim, rotary_dim=cfg.head_dim, max_position=max(context_len, 1),
-                                   base=ROPE_BASE, is_neox_style=True)
+        # built here, not through get_rope: get_rope shares one instance between models with the same arguments
+        self.rotary_emb = CognicaRotaryEmbedding(cfg.head_dim, cfg.head_dim, max(context_len, 1), ROPE_BASE, True,
+                                                 torch.get_default_dtype())
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5,
                                    num_kv_heads=self.num_kv_heads, layer_id=layer_id,
                                    sliding_window_size=window_left(cfg, layer_id, context_len),
@@ -278,8 +286,6 @@ class CognicaPoEForCausalLM(nn.Module):
             name = canon if canon.startswith("lm_head.") else "model." + canon.removeprefix("transformer.")
             for param_part, shard_part, shard_id in self.stacked_params_mapping:
                 if shard_part in name:
-                    if shard_id in ("q", "k"):
-                        w = layers.swap_rotary_halves(w, self.cfg.head_dim)
                     param = params[name.replace(shard_part, param_part)]
                     param.weight_loader(param, w, shard_id)
                     break

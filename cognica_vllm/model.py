@@ -3,8 +3,8 @@
 
 Laid out like vLLM's gemma2.py; the math is `cognica.layers` (shared with the reference and SGLang).
 What is not a Llama here: smear (previous token of the same sequence, see `cognica_vllm.smear`),
-x0/resid lambdas, value embeddings with per-KV-head gates, nanochat's rotary sign (folded into
-the c_q/c_k rows at load time so vLLM's neox rope is exact, see `layers.swap_rotary_halves`),
+x0/resid lambdas, value embeddings with per-KV-head gates, nanochat's rotary sign (vLLM's neox rotary with
+negated frequencies, `CognicaRotaryEmbedding`; the weights load as published),
 QK rms-norm x1.2, per-layer windows (3 sliding, 1 full), backout, logit soft-cap 15.
 """
 
@@ -32,7 +32,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsPP
@@ -77,6 +77,13 @@ def local_kv_heads(n_kv_head: int) -> tuple[int, int]:
     return first, first + 1
 
 
+class CognicaRotaryEmbedding(RotaryEmbedding):
+    """vLLM's neox rotary (its kernels included) rotating by nanochat's -theta (`layers.nanochat_inv_freq`)."""
+
+    def _compute_inv_freq(self, base: float) -> torch.Tensor:
+        return layers.nanochat_inv_freq(super()._compute_inv_freq(base))
+
+
 class CognicaMLP(nn.Module):
     def __init__(self, cfg: CognicaConfig, quant_config: QuantizationConfig | None, prefix: str = ""):
         super().__init__()
@@ -111,9 +118,9 @@ class CognicaAttention(nn.Module):
         self.has_ve = layer_idx in cfg.ve_layers
         if self.has_ve:  # [n_kv_head, 12], full; this rank uses its KV heads' rows
             self.ve_gate = nn.Parameter(torch.empty(cfg.n_kv_head, VE_GATE_CHANNELS), requires_grad=False)
-        # nanochat's rotary sign is folded into c_q/c_k at load time, so the stock neox rope is exact
-        self.rotary_emb = get_rope(cfg.head_dim, max_position=max(max_model_len, cfg.sequence_len),
-                                   is_neox_style=True, rope_parameters={"rope_theta": ROPE_BASE})
+        # built here, not through get_rope: get_rope shares one instance between models with the same arguments
+        self.rotary_emb = CognicaRotaryEmbedding(cfg.head_dim, cfg.head_dim, max(max_model_len, cfg.sequence_len),
+                                                 ROPE_BASE, True, torch.get_default_dtype())
         # vLLM counts the query in the window: keys = window_left + 1. An L layer is full attention
         # until the context outgrows its window (only past sequence_len + 1 tokens).
         keys = cfg.window_keys[layer_idx]
@@ -287,8 +294,6 @@ class CognicaPoEForCausalLM(nn.Module, SupportsPP):
             seen.add(name)
             if not cfg.is_built(name):
                 continue  # a layer (or its value-embedding table) past a stage prefix's exit
-            if name.endswith(("attn.c_q.weight", "attn.c_k.weight")):
-                tensor = layers.swap_rotary_halves(tensor, cfg.head_dim)
             target = vllm_name(name)
             for fused, part, shard in STACKED_PARAMS:
                 if f".attn.{part}." in name:

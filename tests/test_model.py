@@ -106,25 +106,24 @@ def test_apply_rotary_rotates_by_minus_theta():
                                msg="nanochat rotary is (x1 + i x2) * exp(-i theta) on the half-split pairs")
 
 
-def test_swapped_rows_with_neox_rotary_equal_nanochat_rotary():
-    n_head, head_dim, d = 2, 64, 32
-    w, h = torch.randn(n_head * head_dim, d, dtype=torch.float64), torch.randn(5, d, dtype=torch.float64)
-    cos, sin = (t[:, None] for t in layers.rotary_cos_sin(torch.arange(5), head_dim, torch.float64))
+def test_neox_rotary_with_negated_frequencies_is_nanochat_rotary():
+    """What both plugins run (`layers.nanochat_inv_freq` in their RotaryEmbedding subclasses): an engine's neox
+    rotary, built from negated inverse frequencies, equals nanochat's rotary on the published weights, exactly."""
+    head_dim, positions = 64, torch.arange(300)
+    x = torch.randn(300, 3, head_dim, dtype=torch.float64)
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
-    def neox(x):
+    def neox(x, inv):
+        freqs = positions.to(torch.float64)[:, None] * inv
+        cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
         x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
-    def heads(x):
-        return x.view(5, n_head, head_dim)
-
-    def swap(x):
-        return x.view(5, n_head, 2, head_dim // 2).flip(2).reshape(5, n_head, head_dim)
-
-    nano = layers.apply_rotary(heads(h @ w.T), cos, sin)
-    swapped = neox(heads(h @ layers.swap_rotary_halves(w, head_dim).T))
-    torch.testing.assert_close(swap(swapped), nano, msg="swap(neox(swap(x))) must equal nanochat's rotary")
-    assert not torch.allclose(neox(heads(h @ w.T)), nano), "plain neox must differ from nanochat's sign"
+    freqs = positions.to(torch.float64)[:, None] * inv_freq
+    nano = layers.apply_rotary(x, freqs.cos()[:, None], freqs.sin()[:, None])
+    torch.testing.assert_close(neox(x, layers.nanochat_inv_freq(inv_freq)), nano, atol=1e-12, rtol=0,
+                               msg="neox rotary with negated frequencies must equal nanochat's rotary")
+    assert not torch.allclose(neox(x, inv_freq), nano), "plain neox must differ from nanochat's sign"
 
 
 def test_transformers_auto_model_matches_load_reference(published_ckpt, model, ids, logits):
