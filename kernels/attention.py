@@ -28,6 +28,8 @@ Decode can split the key range over several programs (split-K) and merge the par
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +45,7 @@ else:  # the torch reference below still serves
     tl = SimpleNamespace(constexpr=None)
 
 _NO_WINDOW = 1 << 30  # window_left=None: larger than any context, still an int32
-_NUM_SMS = 132  # H100 SXM; only sizes the decode split-K heuristic
+_DEFAULT_SMS = 132  # H100 SXM: the split-K heuristic's SM count where no CUDA device says otherwise
 
 
 @triton.jit
@@ -211,13 +213,25 @@ def _merge_splits_kernel(
     tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def _decode_splits(batch: int, num_kv_heads: int, span: int) -> int:
+@functools.cache
+def num_sms(device_index: int | None) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM, 114 on an H100 PCIe, 108 on an A100);
+    `_DEFAULT_SMS` where there is none (CPU, the interpreter)."""
+    if device_index is None or not torch.cuda.is_available():
+        return _DEFAULT_SMS
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _decode_splits(batch: int, num_kv_heads: int, span: int, sms: int = _DEFAULT_SMS) -> int:
     """Split-K factor for a decode step whose longest key range is `span` keys.
 
-    Not tuned on a GPU: aim for ~2 programs per SM and at least 256 keys per split, at most 16 splits.
+    Not tuned on a GPU. A decode program holds few registers (several resident per SM), so the aim is about 4
+    programs per SM, i.e. enough to fill every SM in one wave, each split keeping at least 128 keys (two 64-key
+    tiles), at most 16 splits. An S layer (513 keys, 9 tiles) at batch 32 x 12 KV heads then takes 2 splits on a
+    132-SM H100 (528 programs), where "2 per SM, >= 256 keys" gave none.
     """
     programs = batch * num_kv_heads
-    return max(1, min(16, -(-span // 256), (2 * _NUM_SMS) // programs))
+    return max(1, min(16, -(-span // 128), -(-4 * sms // max(1, programs))))
 
 
 def _next_power_of_2(n: int) -> int:
@@ -225,7 +239,7 @@ def _next_power_of_2(n: int) -> int:
 
 
 def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
-                   window_left: int | None) -> dict[str, int]:
+                   window_left: int | None, sms: int = _DEFAULT_SMS) -> dict[str, int]:
     """The compile-time constants a launch picks (each distinct set is one Triton compilation).
 
     Under a CUDA graph the launch is recorded at capture, so these must depend only on values that are the same at
@@ -236,7 +250,7 @@ def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len:
     num_splits = 1
     if max_query_len == 1:
         span = max_seq_len if window_left is None else min(max_seq_len, window_left + 1)
-        num_splits = _decode_splits(batch, num_kv_heads, span)
+        num_splits = _decode_splits(batch, num_kv_heads, span, sms)
     return {"GROUP_P2": group_p2, "BLOCK_Q": block_q, "BLOCK_M": max(16, block_q * group_p2),  # tl.dot: >= 16 rows
             "NUM_SPLITS": num_splits}
 
@@ -281,7 +295,8 @@ def paged_attention_triton(
     group = num_heads // num_kv_heads
     if max_seq_len is None and max_query_len == 1:
         max_seq_len = int(seq_lens.max())
-    variant = kernel_variant(batch, num_heads, num_kv_heads, max_query_len, max_seq_len or 0, window_left)
+    variant = kernel_variant(batch, num_heads, num_kv_heads, max_query_len, max_seq_len or 0, window_left,
+                             num_sms(q.device.index if q.is_cuda else None))
     group_p2, block_q, block_m = variant["GROUP_P2"], variant["BLOCK_Q"], variant["BLOCK_M"]
     block_n = 64
     if num_splits is None:

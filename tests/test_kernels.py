@@ -312,3 +312,17 @@ def test_batched_decode_never_reads_out_of_window_slots():
     clean = attn_ops.token_pool_decode_attention(q, k_pool, v_pool, *args)
     k_pool[:40], v_pool[:40] = float("nan"), float("nan")  # keys 0..39 are outside the 10-key window of position 49
     assert torch.equal(attn_ops.token_pool_decode_attention(q, k_pool, v_pool, *args), clean)
+
+
+def test_decode_split_k_fills_the_gpu_by_its_own_sm_count():
+    """Split-K is sized by the device's SM count (`num_sms`, from torch.cuda.get_device_properties), and it
+    engages for an S layer (513 keys) at batch 32 x 12 KV heads, where the first heuristic gave none."""
+    variant = attn_ops.kernel_variant
+    assert variant(32, 12, 12, 1, 2048, 512, sms=132)["NUM_SPLITS"] == 2, "S layer at batch 32 on an H100"
+    assert variant(256, 12, 12, 1, 2048, 512, sms=132)["NUM_SPLITS"] == 1, "batch 256 fills the GPU unsplit"
+    assert variant(1, 12, 12, 1, 2048, None, sms=132)["NUM_SPLITS"] == 16, "an L layer at batch 1: 16 splits"
+    assert variant(1, 12, 12, 1, 2048, 512, sms=132)["NUM_SPLITS"] == 5, "an S layer keeps >= 128 keys per split"
+    assert variant(40, 12, 12, 1, 2048, 512, sms=132)["NUM_SPLITS"] == 2
+    assert variant(40, 12, 12, 1, 2048, 512, sms=108)["NUM_SPLITS"] == 1, "an A100 has fewer SMs to fill"
+    assert variant(32, 12, 12, 64, 2048, 512, sms=132)["NUM_SPLITS"] == 1, "prefill never splits"
+    assert attn_ops.num_sms(None) == 132, "without a CUDA device the H100 SXM count stands in"
