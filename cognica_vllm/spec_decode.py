@@ -10,7 +10,8 @@ ModelConfig with `runner="draft"` (vllm/config/speculative.py:1289-1312) and und
   `--hf-overrides '{"poe_draft_stage": 2}'`: vLLM applies dict overrides to the target config only
   (vllm/config/speculative.py:1283-1288), so the drafter reads it from `speculative_config.target_model_config`;
 - the drafter is the exact stage prefix, sliding windows included, and needs `disable_hybrid_kv_cache_manager`
-  (`--disable-hybrid-kv-cache-manager`) whenever the target has sliding layers. vLLM 0.32 hands a `draft_model`
+  whenever the target has sliding layers; `cognica_vllm.config_checks` sets it in the first process (vLLM's
+  `MODELS_CONFIG_MAP` hook), so vLLM's own command needs no extra flag. vLLM 0.32 hands a `draft_model`
   drafter the attention metadata (block table, slot mapping) of KV-cache group 0 whatever group its layers are in
   (vllm/v1/worker/gpu_model_runner.py:2532-2545: only EAGLE-like proposers are matched on `kv_cache_gid`). With the
   hybrid manager our S layers form group 0 and the drafter's layers sit in the full-attention group; all groups
@@ -70,6 +71,7 @@ def model_config(vllm_config: VllmConfig) -> CognicaConfig:
         )
     sliding = [k < vllm_config.model_config.max_model_len for k in target.window_keys[: target.n_active_layers]]
     if any(sliding) and not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        # a backstop: cognica_vllm.config_checks already set it, or refused, in the first process
         raise ValueError(
             "self-speculative decoding of Cognica needs disable_hybrid_kv_cache_manager=True "
             "(--disable-hybrid-kv-cache-manager): vLLM 0.32 gives a draft model the attention metadata of KV-cache "

@@ -1,0 +1,74 @@
+# SPDX-License-Identifier: Apache-2.0
+"""First-process checks of a vLLM config that serves Cognica, run before any worker starts.
+
+vLLM 0.32 gives a model no class-level config hook: `VllmConfig.try_verify_and_update_config`
+(vllm/config/vllm.py) looks the served architecture up in `MODELS_CONFIG_MAP`
+(vllm/model_executor/models/config.py) and calls that entry's `VerifyAndUpdateConfig.verify_and_update_config`;
+`ModelConfig._try_verify_and_update_model_config` (vllm/config/model.py) reads the same table. `register()` adds
+`CognicaConfigChecks` there for every architecture spelling. `VllmConfig.__post_init__` calls the hook before it
+settles `scheduler_config.disable_hybrid_kv_cache_manager` (None = no preference), and `EngineArgs` loads the
+general plugins (`load_general_plugins`, vllm/engine/arg_utils.py) in the first process, so what is refused here
+is refused by `EngineArgs.create_engine_config`, in the user's own process.
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+logger = init_logger(__name__)
+
+SMEAR_WHY = ("Cognica's smear reads the previous token from the KV slots this model's forwards wrote; "
+             "these settings fill KV slots another way and are not supported")
+
+
+def unsupported_modes(vllm_config) -> list[str]:
+    """The settings under which a request's tokens reach the model without ids, or KV slots get filled without
+    our forward (stale smear ids); the vLLM twin of `cognica_sglang.smear.unsupported_modes`."""
+    found = []
+    if vllm_config.model_config.enable_prompt_embeds:
+        found.append("--enable-prompt-embeds (value embeddings and smear need token ids)")
+    if vllm_config.kv_transfer_config is not None:
+        found.append("--kv-transfer-config (KV loaded by a KV connector)")
+    # read before VllmConfig._post_init_kv_transfer_config turns it into a kv_transfer_config
+    if getattr(vllm_config.cache_config, "kv_offloading_size", None) is not None:
+        found.append("--kv-offloading-size (KV reloaded from CPU memory)")
+    return found
+
+
+def needs_one_kv_cache_group(vllm_config) -> bool:
+    """Self-speculative decoding (`draft_model` with our model drafting) of a target with sliding layers: the
+    drafter reads KV-cache group 0's metadata (see `cognica_vllm.spec_decode`), so there must be one group."""
+    spec = vllm_config.speculative_config
+    if spec is None or spec.method != "draft_model" or spec.draft_model_config is None:
+        return False
+    from cognica.config import ARCHITECTURE_ALIASES
+    from cognica.hf import cognica_config
+
+    if spec.draft_model_config.architecture not in ARCHITECTURE_ALIASES:
+        return False
+    mc = vllm_config.model_config
+    cfg = cognica_config(mc.hf_config)
+    return any(k < mc.max_model_len for k in cfg.window_keys[: cfg.n_active_layers])
+
+
+class CognicaConfigChecks(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        refused = unsupported_modes(vllm_config)
+        if refused:
+            raise ValueError(f"{SMEAR_WHY}: {'; '.join(refused)}")
+        if not needs_one_kv_cache_group(vllm_config):
+            return
+        sched = vllm_config.scheduler_config
+        if sched.disable_hybrid_kv_cache_manager is False:
+            raise ValueError(
+                "self-speculative decoding of Cognica needs disable_hybrid_kv_cache_manager=True "
+                "(omit --no-disable-hybrid-kv-cache-manager): vLLM 0.32 gives a draft model the attention metadata "
+                "of KV-cache group 0, which is not the drafter's group when the target has sliding-window layers"
+            )
+        if sched.disable_hybrid_kv_cache_manager is None:
+            sched.disable_hybrid_kv_cache_manager = True
+            logger.info_once(
+                "Cognica: turning the hybrid KV-cache manager off for self-speculative decoding (the drafter reads "
+                "KV-cache group 0's metadata, so all layers share one group; the sliding layers' KV saving is lost)")
