@@ -324,6 +324,49 @@ def _fmt(v: float | None, spec: str) -> str:
     return format(v, spec)
 
 
+# The verdict (issue 19 item 5): ours ("triton") only where it is within these factors of the best peer that passed
+# its cross-check, at every counted row, and every cross-check of ours passed; else the engine's kernels ("engine").
+# Counted rows: decode at batch >= 32, every prefill row, relu2 at M >= 32.
+VERDICT_LIMITS = {"decode": (32, 1.05), "prefill": (1, 1.5), "relu2": (32, 1.05)}  # kind: (min size, max ratio)
+VERDICT_OPS = {"attention": ("decode", "prefill"), "relu2": ("relu2",)}
+
+
+def verdict(op: str, rows: list[dict]) -> dict[str, str]:
+    """{"verdict": "triton" | "engine", "reason": ...} for `op` from side-by-side rows.
+
+    A row: {"kind": "decode" | "prefill" | "relu2", "size": batch or M, "case": name, "ours_us": float | None,
+    "ours_ok": bool, "peers": {peer: {"us": float | None, "ok": bool}}}. A peer with no time or a failed
+    cross-check does not count; a counted row without a counting peer, or with ours failing, gives "engine".
+    """
+    kinds = VERDICT_OPS[op]
+    counted = [r for r in rows if r["kind"] in kinds and r["size"] >= VERDICT_LIMITS[r["kind"]][0]]
+    if not counted:
+        return {"verdict": "engine", "reason": "no side-by-side row measured"}
+    failed = [r["case"] for r in rows if r["kind"] in kinds and not r["ours_ok"]]
+    if failed:
+        return {"verdict": "engine", "reason": f"our cross-check failed: {', '.join(failed)}"}
+    worst: tuple[float, str, str] = (0.0, "", "")
+    for r in counted:
+        peers = {n: p["us"] for n, p in r["peers"].items() if p["ok"] and p["us"] is not None and p["us"] > 0}
+        if r["ours_us"] is None or not r["ours_us"] > 0:
+            return {"verdict": "engine", "reason": f"{r['case']}: ours not timed"}
+        if not peers:
+            return {"verdict": "engine", "reason": f"{r['case']}: no peer passed its cross-check"}
+        best = min(peers, key=lambda n: peers[n])
+        ratio = r["ours_us"] / peers[best]
+        if ratio > VERDICT_LIMITS[r["kind"]][1]:
+            return {"verdict": "engine", "reason": f"{r['case']}: ours {ratio:.2f}x {best} "
+                    f"(limit {VERDICT_LIMITS[r['kind']][1]}x)"}  # fmt: skip
+        worst = max(worst, (ratio, r["case"], best))
+    return {"verdict": "triton", "reason": f"worst counted row {worst[1]}: ours {worst[0]:.2f}x {worst[2]}"}
+
+
+def verdicts(env: dict, rows: list[dict]) -> dict[str, object]:
+    """The `verdicts` object of gpu_check.json: the GPU's name and capability, one verdict per op."""
+    return {"gpu": env.get("name", "?"), "capability": env.get("capability", "?"),
+            **{op: verdict(op, rows) for op in VERDICT_OPS}}  # fmt: skip
+
+
 def report(out_dir: Path) -> int:
     """Merge the step files into OUT/gpu_check.json and print the summary table; non-zero if anything failed."""
     parts: dict[str, object] = {}
@@ -335,7 +378,10 @@ def report(out_dir: Path) -> int:
         for line in (out_dir / "steps.tsv").read_text().splitlines():
             name, rc, seconds = line.split("\t")
             steps[name] = {"rc": int(rc), "seconds": int(seconds)}
-    summary = {**parts, "steps": steps, "ok": bool(steps) and all(s["rc"] == 0 for s in steps.values())}
+    compare = (parts["kernels"] or {}).get("compare", []) if isinstance(parts["kernels"], dict) else []
+    verdict_table = verdicts(parts["env"] or {}, compare)
+    summary = {**parts, "steps": steps, "verdicts": verdict_table,
+               "ok": bool(steps) and all(s["rc"] == 0 for s in steps.values())}  # fmt: skip
     (out_dir / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     env = parts["env"] or {}
@@ -371,6 +417,11 @@ def report(out_dir: Path) -> int:
                   f"{_fmt(row['ms'], '8.3f')} {_fmt(row['tok_s'], '9.0f')} {_fmt(row['eager_tok_s'], '11.0f')} "
                   f"{_fmt(row['pct_roofline'], '9.0f')} {_fmt(row['pct_copy_roofline'], '10.0f')} "
                   f"{_fmt(row['kv_gb'], '6.1f')} {row['note'] or ''}")  # fmt: skip
+    print(f"\nverdicts ({verdict_table['gpu']}, capability {verdict_table['capability']}; \"triton\" means: add "
+          "this GPU name to MEASURED_FASTER[op] in kernels/dispatch.py; \"engine\": leave it out)")  # fmt: skip
+    for op in VERDICT_OPS:
+        v = verdict_table[op]
+        print(f"  {op:<10} {v['verdict']:<7} {v['reason']}")
     print(f"\nfull results: {out_dir / 'gpu_check.json'}")
     print(f"=== GPU check: {'PASSED' if summary['ok'] else 'FAILED'}")
     return 0 if summary["ok"] else 1

@@ -91,9 +91,10 @@ def device_info(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(
-            name=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+            name=props.name, sm=f"{props.major}.{props.minor}", capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
             memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
         )  # fmt: skip
     else:
-        info["name"] = "cpu (dry run, TRITON_INTERPRET=1)"
+        info.update(name="cpu (dry run, TRITON_INTERPRET=1)", capability="cpu")
     return info

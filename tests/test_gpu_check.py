@@ -163,3 +163,48 @@ def test_every_json_field_is_documented():
     section = doc[doc.index("## The GPU check"):]
     missing = [f for f in sorted(KERNEL_FIELDS | DECODE_ROW_FIELDS) if f"`{f}`" not in section]
     assert not missing, f"docs/performance.md's GPU check section does not document {missing}"
+
+
+def _row(kind: str, size: int, ours: float | None, peers: dict, ours_ok: bool = True) -> dict:
+    return {"kind": kind, "size": size, "case": f"{kind} {size}", "ours_us": ours, "ours_ok": ours_ok,
+            "peers": {n: {"us": us, "ok": ok} for n, (us, ok) in peers.items()}}  # fmt: skip
+
+
+def _gpu_check():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_verdict_triton_only_within_the_limits_of_the_best_peer():
+    v = _gpu_check().verdict
+    rows = [_row("decode", 1, 500.0, {"cudnn": (10.0, True)}),  # batch 1 does not count
+            _row("decode", 32, 10.4, {"cudnn": (10.0, True), "flash": (12.0, True)}),
+            _row("prefill", 8, 140.0, {"flash": (100.0, True)})]  # fmt: skip
+    assert v("attention", rows)["verdict"] == "triton"
+    rows[1] = _row("decode", 32, 10.6, {"cudnn": (10.0, True)})
+    assert v("attention", rows) == {"verdict": "engine", "reason": "decode 32: ours 1.06x cudnn (limit 1.05x)"}
+    rows[1] = _row("decode", 32, 10.0, {"cudnn": (10.0, True)})
+    rows[2] = _row("prefill", 8, 160.0, {"flash": (100.0, True)})
+    assert v("attention", rows)["verdict"] == "engine", "prefill over 1.5x"
+
+
+def test_verdict_ignores_failed_peers_and_refuses_failed_ours():
+    v = _gpu_check().verdict
+    # the fast peer failed its cross-check: it does not count
+    assert v("relu2", [_row("relu2", 256, 10.0, {"eager": (20.0, True), "compiled": (1.0, False)})])["verdict"] == \
+        "triton"  # fmt: skip
+    assert v("relu2", [_row("relu2", 256, 10.0, {"compiled": (1.0, False), "eager": (None, True)})])["verdict"] == \
+        "engine"  # fmt: skip
+    failed_ours = [_row("relu2", 1, 1.0, {"eager": (9.0, True)}),
+                   _row("relu2", 32, 1.0, {"eager": (9.0, True)}, ours_ok=False)]  # fmt: skip
+    assert v("relu2", failed_ours)["verdict"] == "engine"
+    assert v("attention", []) == {"verdict": "engine", "reason": "no side-by-side row measured"}
+    assert v("relu2", [_row("decode", 32, 1.0, {"x": (9.0, True)})])["verdict"] == "engine", "other op's rows"
+
+
+def test_verdicts_shape():
+    got = _gpu_check().verdicts({"name": "NVIDIA H200", "capability": "9.0"}, [])
+    assert set(got) == {"gpu", "capability", "attention", "relu2"} and got["gpu"] == "NVIDIA H200"
+    assert set(got["attention"]) == {"verdict", "reason"}
