@@ -10,6 +10,7 @@ QK rms-norm x1.2, per-layer windows (3 sliding, 1 full), backout, logit soft-cap
 
 
 import os
+import re
 from collections.abc import Iterable
 from itertools import islice
 
@@ -35,12 +36,19 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsPP
-from vllm.model_executor.models.utils import extract_layer_index, make_layers, maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP
+from vllm.model_executor.models.utils import WeightsMapper, extract_layer_index, make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from cognica import layers
-from cognica.checkpoint import CheckpointError, canonical_name, expected_tensors, open_checkpoint, padded_vocab
+from cognica.checkpoint import (
+    WRAPPER_PREFIXES,
+    CheckpointError,
+    canonical_name,
+    expected_tensors,
+    open_checkpoint,
+    padded_vocab,
+)
 from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica_kernels import use_triton
 from cognica_kernels.cpu_linear import UpcastLinear, min_rows, upcast_wanted
@@ -52,6 +60,37 @@ logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's log handler pri
 
 # (fused param, nanochat name, shard id): the only renames; everything else keeps nanochat's name
 STACKED_PARAMS = [("qkv_proj", "c_q", "q"), ("qkv_proj", "c_k", "k"), ("qkv_proj", "c_v", "v")]
+
+# LoRA reaches every projection (vLLM wraps each LinearBase: lora.utils.get_supported_lora_modules), the input
+# embedding and the head (embedding_modules: VocabParallelEmbeddingWithLoRA, LogitsProcessorWithLoRA). Value
+# embeddings, ve_gate, smear_gate and the scalars are not adaptable: LORA_NAMES refuses adapters that target them.
+ADAPTABLE = re.compile(r"^(model\.layers\.\d+\.(attn\.(c_q|c_k|c_v|c_proj)|mlp\.(c_fc|c_proj))|model\.wte|lm_head)\.")
+LORA_TENSOR = re.compile(r"\.(lora_A|lora_B)\.weight$|\.lora_embedding_[AB]$")
+_WRAPPERS = "(?:" + "|".join(re.escape(p) for p in WRAPPER_PREFIXES) + ")*"
+
+
+class CognicaLoRANames(WeightsMapper):
+    """nanochat module paths in a PEFT adapter (`transformer.h.{i}.attn.c_q`, with or without a wrapper prefix such
+    as our transformers class's `model.`) -> this module's names; a LoRA tensor on a module LoRA cannot reach raises
+    here, inside vLLM's adapter load (WorkerLoRAManager._load_adapter -> LoRAModel.from_local_checkpoint ->
+    parse_fine_tuned_lora_name), instead of vLLM's generic unexpected-modules list."""
+
+    def _map_name_with_shard(self, key: str):
+        result = super()._map_name_with_shard(key)
+        if result is not None and LORA_TENSOR.search(key) and not ADAPTABLE.match(result[0]):
+            module = LORA_TENSOR.sub("", canonical_name(key))
+            raise ValueError(f"cognica: a LoRA adapter targets {module}, which this model cannot adapt; LoRA reaches "
+                             "attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj, transformer.wte and lm_head (value "
+                             "embeddings, ve_gate, smear_gate and the scalars are not adaptable)")
+        return result
+
+
+LORA_NAMES = CognicaLoRANames(orig_to_new_regex={
+    re.compile(rf"^{_WRAPPERS}transformer\.h\."): "model.layers.",
+    re.compile(rf"^{_WRAPPERS}transformer\.wte(?=\.|$)"): "model.wte",
+    re.compile(rf"^{_WRAPPERS}value_embeds\."): "model.value_embeds.",
+    re.compile(rf"^{_WRAPPERS}lm_head(?=\.|$)"): "lm_head",
+})
 
 
 def mlp_activation():
@@ -244,8 +283,11 @@ class CognicaModel(nn.Module):
         return tails[0] if len(tails) == 1 else torch.cat(tails, dim=-1)
 
 
-class CognicaPoEForCausalLM(nn.Module, SupportsPP):
+class CognicaPoEForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
+    # as vLLM's LlamaForCausalLM: the fused QKV's parts and the two vocab tables LoRA may adapt
     packed_modules_mapping = {"qkv_proj": ["c_q", "c_k", "c_v"]}
+    embedding_modules = {"wte": "input_embeddings", "lm_head": "output_embeddings"}
+    hf_to_vllm_mapper = LORA_NAMES
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()

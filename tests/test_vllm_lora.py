@@ -1,0 +1,180 @@
+"""LoRA on vLLM against the reference with merged weights (run in .venv/vllm).
+
+Adapters are written here in the PEFT file format (adapter_config.json + adapter_model.safetensors, tensors named
+`base_model.model.<nanochat module path>.lora_A.weight` / `lora_B.weight`, `lora_embedding_A` / `lora_embedding_B`
+for an embedding), as peft would save them for nanochat's GPT; peft itself is not in .venv/vllm. The oracle is the
+fp32 reference whose weights are W + (alpha / r) * B @ A (PEFT's merge). One compiled float32 engine, chunked
+prefill in 64-token steps; prompts of 700 tokens cross the 256-key S windows, and every layer with a value
+embedding (1, 3) and the smear run under the adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cognica.model import CognicaGPT, load_reference
+from tests.utils import assert_fp32_parity, assert_prompt_logprobs_parity, random_prompts
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from vllm import LLM  # noqa: E402  (after the env defaults above)
+from vllm.lora.request import LoRARequest  # noqa: E402
+
+from tests.vllm_utils import greedy, prompt_logprobs  # noqa: E402
+
+CHUNK = 64
+NEW = 16
+RANK = 8
+PROJECTIONS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def write_adapter(out: Path, ref: CognicaGPT, targets: list[str], r: int, alpha: float, seed: int,
+                  zero_b: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A PEFT LoRA adapter on the reference's modules `targets` (nanochat paths): A ~ U(-1/sqrt(in), ..), B scaled
+    so each delta moves its layer's output visibly (or B = 0). Returns {path: (A, B)} as PEFT stores them
+    (Linear: A [r, in], B [out, r]; Embedding: A [r, vocab], B [dim, r])."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, pairs = {}, {}
+    for path in targets:
+        module = ref.get_submodule(path)
+        if isinstance(module, torch.nn.Embedding):
+            n_in, n_out, suffixes = module.num_embeddings, module.embedding_dim, ("lora_embedding_A", "lora_embedding_B")
+        else:
+            n_in, n_out, suffixes = module.in_features, module.out_features, ("lora_A.weight", "lora_B.weight")
+        a = (torch.rand(r, n_in, generator=g) * 2 - 1) / n_in**0.5
+        b = torch.zeros(n_out, r) if zero_b else (torch.rand(n_out, r, generator=g) * 2 - 1) * 0.3
+        pairs[path] = (a, b)
+        tensors[f"base_model.model.{path}.{suffixes[0]}"] = a.contiguous()
+        tensors[f"base_model.model.{path}.{suffixes[1]}"] = b.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "base_model_name_or_path": None,
+              "target_modules": sorted({p.rsplit(".", 1)[-1] for p in targets})}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return pairs
+
+
+@torch.no_grad()
+def merged(ref: CognicaGPT, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int, alpha: float) -> CognicaGPT:
+    """The reference with each adapted weight replaced by PEFT's merge, W + (alpha / r) * B @ A (an embedding's
+    table [vocab, dim] gets (B @ A).T)."""
+    out = copy.deepcopy(ref)
+    for path, (a, b) in pairs.items():
+        module = out.get_submodule(path)
+        delta = (alpha / r) * (b @ a)
+        module.weight += delta.T if isinstance(module, torch.nn.Embedding) else delta
+    return out
+
+
+def all_projections(n_layer: int) -> list[str]:
+    return [f"transformer.h.{i}.{p}" for i in range(n_layer) for p in PROJECTIONS]
+
+
+@pytest.fixture(scope="module")
+def ref32(tiny_ckpt: Path) -> CognicaGPT:
+    return load_reference(tiny_ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory, ref32: CognicaGPT) -> dict[str, tuple[LoRARequest, CognicaGPT]]:
+    """name -> (request, merged reference): zero-B on every projection; every projection of every layer; a second
+    adapter of another rank on a few projections; the input embedding and the head."""
+    root = tmp_path_factory.mktemp("adapters")
+    n = ref32.config.n_layer
+    specs = {
+        "zero": (all_projections(n), RANK, 16.0, True),
+        "all": (all_projections(n), RANK, 16.0, False),
+        "some": ([f"transformer.h.{i}.{p}" for i in (0, 3) for p in ("attn.c_q", "attn.c_v", "mlp.c_fc")]
+                 + ["transformer.h.1.attn.c_k", "transformer.h.2.attn.c_proj", "transformer.h.1.mlp.c_proj"],
+                 4, 12.0, False),
+        "vocab": (["transformer.wte", "lm_head"], RANK, 8.0, False),
+    }
+    out = {}
+    for i, (name, (targets, r, alpha, zero_b)) in enumerate(specs.items(), start=1):
+        pairs = write_adapter(root / name, ref32, targets, r, alpha, seed=i, zero_b=zero_b)
+        out[name] = (LoRARequest(name, i, str(root / name)), merged(ref32, pairs, r, alpha))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt: Path):
+    llm = LLM(model=str(tiny_ckpt), dtype="float32", max_model_len=1024, block_size=32, seed=0,
+              gpu_memory_utilization=0.3, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
+              enable_prefix_caching=True, max_num_seqs=8, enable_lora=True, max_loras=2, max_cpu_loras=4,
+              max_lora_rank=RANK)
+    yield llm
+    del llm
+    gc.collect()
+
+
+def run(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest | None], n: int = NEW,
+        with_prompt_logprobs: bool = False):
+    """One generate call (one batch) of greedy requests, each with its own adapter (None: the base model)."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(n, with_prompt_logprobs),
+                        lora_request=loras, use_tqdm=False)
+    got = []
+    for o in outs:
+        c = o.outputs[0]
+        got.append((list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs, strict=True)], o))
+    return got
+
+
+def test_zero_b_adapter_gives_the_base_models_tokens_and_logprobs(llm, ref32, adapters):
+    request, _ = adapters["zero"]
+    prompts = random_prompts([700, 9], seed=21)
+    base = run(llm, prompts, [None, None])
+    zero = run(llm, prompts, [request, request])
+    for prompt, (tokens, logprobs, _), (z_tokens, z_logprobs, _) in zip(prompts, base, zero):
+        assert_fp32_parity(ref32, prompt, tokens, logprobs, f"base model, {len(prompt)}-token prompt", n_new=NEW)
+        assert z_tokens == tokens, f"B = 0 adapter changed the greedy tokens of a {len(prompt)}-token prompt"
+        worst = max(abs(a - b) for a, b in zip(z_logprobs, logprobs))
+        assert worst == 0.0, f"B = 0 adapter moved a logprob by {worst:.2e} ({len(prompt)}-token prompt)"
+
+
+def test_adapter_on_every_projection_matches_the_merged_reference(llm, adapters):
+    request, ref = adapters["all"]
+    [prompt] = random_prompts([700], seed=22)
+    tokens, logprobs, out = run(llm, [prompt], [request], with_prompt_logprobs=True)[0]
+    assert_fp32_parity(ref, prompt, tokens, logprobs, "adapter on all projections", n_new=NEW)
+    assert_prompt_logprobs_parity(ref, prompt, prompt_logprobs(out, prompt), "adapter on all projections",
+                                  chunk=CHUNK)
+
+
+def test_adapter_on_wte_and_lm_head_matches_the_merged_reference(llm, adapters):
+    request, ref = adapters["vocab"]
+    [prompt] = random_prompts([700], seed=23)
+    tokens, logprobs, out = run(llm, [prompt], [request], with_prompt_logprobs=True)[0]
+    assert_fp32_parity(ref, prompt, tokens, logprobs, "adapter on wte and lm_head", n_new=NEW)
+    assert_prompt_logprobs_parity(ref, prompt, prompt_logprobs(out, prompt), "adapter on wte and lm_head",
+                                  chunk=CHUNK)
+
+
+def test_two_adapters_and_the_base_in_one_batch_each_match_their_reference(llm, ref32, adapters):
+    (all_req, all_ref), (some_req, some_ref) = adapters["all"], adapters["some"]
+    prompts = random_prompts([700, 300, 650, 5], seed=24)
+    cases = [(all_req, all_ref, "all"), (some_req, some_ref, "some"), (None, ref32, "base"), (some_req, some_ref, "some")]
+    got = run(llm, prompts, [c[0] for c in cases], n=40)  # decode runs past the window for the 300-token prompt
+    for prompt, (_, ref, name), (tokens, logprobs, _) in zip(prompts, cases, got):
+        assert_fp32_parity(ref, prompt, tokens, logprobs, f"{name} in a mixed batch, {len(prompt)}-token prompt",
+                           n_new=40)
+
+
+def test_adapter_on_a_value_embedding_is_refused_and_the_engine_still_serves(llm, ref32, adapters, tmp_path):
+    write_adapter(tmp_path / "ve", ref32, ["value_embeds.1"], RANK, 16.0, seed=9)
+    with pytest.raises(ValueError, match=r"targets value_embeds\.1, which this model cannot adapt"):
+        llm.llm_engine.add_lora(LoRARequest("ve", 99, str(tmp_path / "ve")))
+    request, ref = adapters["some"]
+    [prompt] = random_prompts([40], seed=25)
+    tokens, logprobs, _ = run(llm, [prompt], [request])[0]
+    assert_fp32_parity(ref, prompt, tokens, logprobs, "an adapter after the refused one", n_new=NEW)
