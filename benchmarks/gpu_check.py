@@ -324,6 +324,235 @@ def _fmt(v: float | None, spec: str) -> str:
     return format(v, spec)
 
 
+# --- side-by-side (issue 19 item 5): ours beside the peers a plugin could run instead, identical inputs ---------
+COMPARE_GPU = {"heads": 12, "head_dim": 128, "window_left": 512, "page": 16, "ctx": 2048, "batches": (1, 32, 256),
+               "prefill": (4, 2048), "mlp_kn": (1536, 6144), "mlp_ms": (1, 32, 256, 8192), "launches": 20,
+               "replays": 5, "rotate_bytes": 96 << 20}  # fmt: skip
+COMPARE_DRY = {"heads": 2, "head_dim": 64, "window_left": 32, "page": 16, "ctx": 64, "batches": (1, 32),
+               "prefill": (2, 64), "mlp_kn": (64, 256), "mlp_ms": (1, 32), "launches": 2, "replays": 1,
+               "rotate_bytes": 1 << 16}  # fmt: skip
+
+
+def launch_us(fns: list[Callable[[], object]], launches: int, replays: int, cuda: bool) -> tuple[float, str]:
+    """(µs per launch, method). CUDA: one graph of `launches` back-to-back calls rotated over `fns` (input copies
+    whose total exceeds L2), replayed `replays` times; median replay / launches, so host overhead is out.
+    CPU (dry run): plain perf_counter of the same calls; the time means nothing."""
+    for fn in fns:  # warm-up: compiles, autotunes, allocator pools
+        fn()
+    if not cuda:
+        t0 = time.perf_counter()
+        for i in range(launches):
+            fns[i % len(fns)]()
+        return (time.perf_counter() - t0) * 1e6 / launches, "plain (CPU)"
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(launches):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    times.sort()
+    return times[len(times) // 2] / launches, "cuda-graph replay"
+
+
+def _vllm_kv(batch: int, ctx: int, p: dict, device: torch.device, seed: int) -> tuple:
+    """vLLM's layout: one [num_blocks, kv_heads, block, 2 * hd] tensor viewed kv.transpose(1, 2).split(hd, -1);
+    physical blocks shuffled; (key_cache, value_cache, block_table, kv)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    pages = -(-ctx // p["page"])
+    kv = torch.randn(batch * pages, p["heads"], p["page"], 2 * p["head_dim"], device=device, dtype=DTYPE, generator=g)
+    key_cache, value_cache = kv.transpose(1, 2).split(p["head_dim"], -1)
+    order = torch.randperm(batch * pages, generator=torch.Generator().manual_seed(seed))
+    return key_cache, value_cache, order.to(device=device, dtype=torch.int32).view(batch, pages), kv
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
+    """[batch, heads, ctx, hd] contiguous keys (or values) of each sequence, in order (untimed)."""
+    b = block_table.shape[0]
+    return cache[block_table.long()].reshape(b, -1, cache.shape[2], cache.shape[3])[:, :ctx].transpose(1, 2) \
+        .contiguous()  # fmt: skip
+
+
+def _sdpa_peer(backend_name: str) -> Callable | None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "math": SDPBackend.MATH}[backend_name]  # fmt: skip
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+        with sdpa_kernel([backend]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+    return run
+
+
+def _flex_peer(q_len: int, kv_len: int, window: int | None, batch: int, heads: int, device: torch.device,
+               compiled: bool) -> Callable:  # fmt: skip
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    offset = kv_len - q_len  # query i sits at key position offset + i
+
+    def mask(b, h, qi, ki):
+        pos = qi + offset
+        keep = ki <= pos
+        return keep & (pos - ki <= window) if window is not None else keep
+
+    block_mask = create_block_mask(mask, None, None, q_len, kv_len, device=str(device))
+    fn = torch.compile(flex_attention) if compiled else flex_attention
+    return lambda q, k, v, scale: fn(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def attention_compare(p: dict, device: torch.device, cuda: bool) -> list[dict]:
+    """Decode (batch x 1 query at ctx keys) and prefill (n x T tokens), S (window_left) and L (full) layers."""
+    rows, scale, hd, h = [], p["head_dim"] ** -0.5, p["head_dim"], p["heads"]
+    peers = ("cudnn", "flash") if cuda else ("math",)
+    try:
+        import vllm  # noqa: F401
+
+        vllm_note = "installed, not wired into this check"
+    except Exception:
+        vllm_note = "not installed"
+    shapes = [("decode", b, 1) for b in p["batches"]] + [("prefill", p["prefill"][0], p["prefill"][1])]
+    for kind, batch, q_len in shapes:
+        ctx = p["ctx"]
+        for layer, window in (("S", p["window_left"]), ("L", None)):
+            case = f"attn {kind} {layer} b={batch} q={q_len} ctx={ctx}"
+            print(f"  {case}", flush=True)
+            row: dict = {"op": "attention", "kind": kind, "size": batch, "case": case, "ours_us": None,
+                         "ours_ok": False, "method": None, "peers": {}, "error": None}  # fmt: skip
+            rows.append(row)
+            try:
+                _attention_row(row, kind, batch, q_len, ctx, window, scale, hd, h, p, device, cuda, peers)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                print(f"    FAILED: {row['error']}", flush=True)
+            row["peers"]["vllm_triton"] = {"us": None, "ok": False, "note": vllm_note}
+    return rows
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
+    diff = (got.float() - ref.float()).abs()
+    atol, rtol = ATTN_TOL
+    return bool((diff <= atol * ref.float().abs().max() + rtol * ref.float().abs()).all()), float(diff.max())
+
+
+def _attention_row(row: dict, kind: str, batch: int, q_len: int, ctx: int, window: int | None, scale: float,
+                   hd: int, h: int, p: dict, device: torch.device, cuda: bool, peers: tuple) -> None:  # fmt: skip
+    kv_bytes = batch * ctx * h * hd * 2 * 2
+    copies = max(1, min(8, -(-p["rotate_bytes"] // kv_bytes)))
+    inputs = []
+    for c in range(copies):
+        kc, vc, bt, _ = _vllm_kv(batch, ctx, p, device, seed=2000 + c)
+        q = torch.randn(batch * q_len, h, hd, device=device, dtype=DTYPE)
+        seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+        qsl = torch.arange(0, batch * q_len + 1, q_len, device=device, dtype=torch.int32)
+        inputs.append((q, kc, vc, bt, seq_lens, qsl))
+    # ours, as the vLLM plugin calls it (max_seq_len = max_model_len)
+    ours = [lambda a=a: attention.paged_attention_triton(*a, scale, window, max_query_len=q_len, max_seq_len=ctx)
+            for a in inputs]  # fmt: skip
+    refs = [attention.paged_attention_reference(*a, scale, window) for a in inputs[:1]]
+    row["ours_ok"], row["ours_err"] = _close(ours[0](), refs[0])
+    row["ours_us"], row["method"] = launch_us(ours, p["launches"], p["replays"], cuda)
+    # peers: contiguous gathers of the same in-window keys (not timed), [batch, heads, len, hd]
+    first = 0 if window is None or kind == "prefill" else max(0, ctx - 1 - window)
+    gathered = []
+    for q, kc, vc, bt, _, _ in inputs:
+        k, v = _gather(kc, bt, ctx)[:, :, first:], _gather(vc, bt, ctx)[:, :, first:]
+        gathered.append((q.view(batch, q_len, h, hd).transpose(1, 2).contiguous(), k.contiguous(), v.contiguous()))
+    causal = kind == "prefill"
+
+    def to_tokens(o: torch.Tensor) -> torch.Tensor:
+        return o.transpose(1, 2).reshape(batch * q_len, h, hd)
+
+    candidates: dict[str, Callable] = {}
+    if kind == "decode" or window is None:  # flash / cuDNN take no sliding-window mask here: prefill S is flex only
+        for name in peers:
+            sdpa = _sdpa_peer(name)
+            candidates[f"sdpa_{name}"] = lambda g, s=sdpa: s(g[0], g[1], g[2], causal, scale)
+    flex_window = window if kind == "prefill" else None  # decode gathers only in-window keys already
+    for compiled in (True,) if cuda else (False,):
+        kv_len = gathered[0][1].shape[2]
+        flex = _flex_peer(q_len, kv_len, flex_window, batch, h, device, compiled)
+        candidates["flex_compiled" if compiled else "flex_eager"] = lambda g, f=flex: f(g[0], g[1], g[2], scale)
+    for name, fn in candidates.items():
+        peer: dict = {"us": None, "ok": False}
+        row["peers"][name] = peer
+        try:
+            peer["ok"], peer["err"] = _close(to_tokens(fn(gathered[0])), refs[0])
+            peer["us"], _ = launch_us([lambda g=g, fn=fn: fn(g) for g in gathered], p["launches"], p["replays"], cuda)
+        except Exception as e:
+            peer["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(f"    {name}: {peer}", flush=True)
+    row["note"] = "peers time attention on a contiguous gather of the in-window keys; the gather is not timed"
+
+
+def relu2_compare(p: dict, device: torch.device, cuda: bool) -> list[dict]:
+    """The MLP as the plugins run it: F.linear c_fc, relu^2, F.linear c_proj (bf16), relu^2 by each path."""
+    k, n = p["mlp_kn"]
+    rows = []
+    paths: dict[str, Callable] = {"ours": relu2.relu2_triton, "eager": lambda x: torch.relu(x).square()}
+    if cuda:
+        paths["compiled"] = torch.compile(lambda x: torch.relu(x).square())
+    for m in p["mlp_ms"]:
+        case = f"mlp M={m} K={k} N={n}"
+        print(f"  {case}", flush=True)
+        row: dict = {"op": "relu2", "kind": "relu2", "size": m, "case": case, "ours_us": None, "ours_ok": False,
+                     "method": None, "peers": {}, "error": None}  # fmt: skip
+        rows.append(row)
+        try:
+            w_fc = torch.randn(n, k, device=device, dtype=DTYPE) * k**-0.5
+            w_proj = torch.randn(k, n, device=device, dtype=DTYPE) * n**-0.5
+            per = m * (k + n) * 2
+            xs = [torch.randn(m, k, device=device, dtype=DTYPE) for _ in range(max(1, min(8, -(-p["rotate_bytes"]
+                                                                                              // per))))]  # fmt: skip
+            ref = torch.nn.functional.linear(relu2.relu2_reference(torch.nn.functional.linear(xs[0], w_fc)), w_proj)
+            for name, act in paths.items():
+                def mlp(x: torch.Tensor, act: Callable = act, w_fc: torch.Tensor = w_fc,
+                        w_proj: torch.Tensor = w_proj) -> torch.Tensor:  # fmt: skip
+                    return torch.nn.functional.linear(act(torch.nn.functional.linear(x, w_fc)), w_proj)
+
+                ok = bool(torch.allclose(mlp(xs[0]).float(), ref.float(), atol=GEMM_TOL[0], rtol=GEMM_TOL[1]))
+                us, method = launch_us([lambda x=x, f=mlp: f(x) for x in xs], p["launches"], p["replays"], cuda)
+                if name == "ours":
+                    row["ours_us"], row["ours_ok"], row["method"] = us, ok, method
+                else:
+                    row["peers"][name] = {"us": us, "ok": ok}
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            print(f"    FAILED: {row['error']}", flush=True)
+        print(f"    ours {row['ours_us']} us ok={row['ours_ok']}; peers {row['peers']}", flush=True)
+    return rows
+
+
+def run_compare(out_path: Path, dry_run: bool) -> int:
+    device = torch.device("cpu" if dry_run else "cuda")
+    cuda = device.type == "cuda"
+    p = COMPARE_DRY if dry_run else COMPARE_GPU
+    torch.manual_seed(0)
+    rows = attention_compare(p, device, cuda) + relu2_compare(p, device, cuda)
+    info = {"device": device_info(device), "profile": p, "compare": rows,
+            "informational": "relu2_linear (no plugin runs it) is in kernels.json only, outside the verdicts"}
+    out_path.write_text(json.dumps(info, indent=1, default=_json_default) + "\n")
+    bad = [r["case"] for r in rows if r["error"]]
+    print(f"compare: {len(rows)} rows, {len(bad)} errors {bad or ''}")
+    return 1 if bad else 0
+
+
 # The verdict (issue 19 item 5): ours ("triton") only where it is within these factors of the best peer that passed
 # its cross-check, at every counted row, and every cross-check of ours passed; else the engine's kernels ("engine").
 # Counted rows: decode at batch >= 32, every prefill row, relu2 at M >= 32.
@@ -370,7 +599,7 @@ def verdicts(env: dict, rows: list[dict]) -> dict[str, object]:
 def report(out_dir: Path) -> int:
     """Merge the step files into OUT/gpu_check.json and print the summary table; non-zero if anything failed."""
     parts: dict[str, object] = {}
-    for name in ("env", "kernel_tests", "kernel_tests_builtin", "kernels", "decode"):
+    for name in ("env", "kernel_tests", "kernel_tests_builtin", "kernels", "compare", "decode"):
         path = out_dir / f"{name}.json"
         parts[name] = json.loads(path.read_text()) if path.exists() else None
     steps = {}
@@ -378,7 +607,7 @@ def report(out_dir: Path) -> int:
         for line in (out_dir / "steps.tsv").read_text().splitlines():
             name, rc, seconds = line.split("\t")
             steps[name] = {"rc": int(rc), "seconds": int(seconds)}
-    compare = (parts["kernels"] or {}).get("compare", []) if isinstance(parts["kernels"], dict) else []
+    compare = (parts["compare"] or {}).get("compare", []) if isinstance(parts["compare"], dict) else []
     verdict_table = verdicts(parts["env"] or {}, compare)
     summary = {**parts, "steps": steps, "verdicts": verdict_table,
                "ok": bool(steps) and all(s["rc"] == 0 for s in steps.values())}  # fmt: skip
@@ -417,6 +646,13 @@ def report(out_dir: Path) -> int:
                   f"{_fmt(row['ms'], '8.3f')} {_fmt(row['tok_s'], '9.0f')} {_fmt(row['eager_tok_s'], '11.0f')} "
                   f"{_fmt(row['pct_roofline'], '9.0f')} {_fmt(row['pct_copy_roofline'], '10.0f')} "
                   f"{_fmt(row['kv_gb'], '6.1f')} {row['note'] or ''}")  # fmt: skip
+    if compare:
+        print("\nside by side (µs per launch; a peer's time only where its cross-check passed)")
+        for row in compare:
+            peers = "  ".join(f"{n} {_fmt(v.get('us'), '6.1f')}{'' if v.get('ok') else ' (x)'}"
+                              for n, v in row["peers"].items())  # fmt: skip
+            print(f"  {row['case']:<40} ours {_fmt(row['ours_us'], '6.1f')}{'' if row['ours_ok'] else ' (x)'}  "
+                  f"{peers}  {row['error'] or ''}")  # fmt: skip
     print(f"\nverdicts ({verdict_table['gpu']}, capability {verdict_table['capability']}; \"triton\" means: add "
           "this GPU name to MEASURED_FASTER[op] in kernels/dispatch.py; \"engine\": leave it out)")  # fmt: skip
     for op in VERDICT_OPS:
@@ -433,9 +669,14 @@ def main() -> int:
     k = sub.add_parser("kernels", help="time the kernels, write JSON")
     k.add_argument("--out", type=Path, required=True)
     k.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    c = sub.add_parser("compare", help="ours beside the peers on identical inputs, write JSON")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     r = sub.add_parser("report", help="merge the step files of OUT and print the table")
     r.add_argument("out_dir", type=Path)
     args = parser.parse_args()
+    if args.cmd == "compare":
+        return run_compare(args.out, args.dry_run)
     return run_kernels(args.out, args.dry_run) if args.cmd == "kernels" else report(args.out_dir)
 
 

@@ -7,8 +7,10 @@ The model is the factory's random-weight checkpoint (`cognica.factory.make_weigh
 into the reference `cognica.model.CognicaGPT`, whose weights the harness reuses. One step is, per layer: the
 `cognica.layers` formulas (norm, smear, value embeddings, rotary, QK norm, residual mixing, backout, soft-cap),
 one fused QKV `F.linear`, a K/V write through a slot mapping, `cognica_kernels.attention.paged_attention_triton`
-over block tables, and `cognica_kernels.relu2.relu2_linear_triton` for c_fc + relu^2. The launchers are called
-directly (not the dispatchers), so the dry run on CPU runs the same kernels in Triton's interpreter.
+over block tables, and the MLP as the plugins run it with `COGNICA_KERNELS=triton`: `F.linear` c_fc, the Triton
+`cognica_kernels.relu2.relu2_triton`, `F.linear` c_proj (`relu2_linear`, which no plugin runs, is not used).
+The launchers are called directly (not the dispatchers), so the dry run on CPU runs the same kernels in Triton's
+interpreter.
 
 KV layout (vLLM's, one cache per layer, `[num_blocks, 16, n_kv_head, head_dim]`): L layers hold every position
 of a sequence; S layers hold a ring of `cdiv(window_left + max_chunk, 16) + 1` blocks per sequence (vLLM's rule
@@ -46,7 +48,7 @@ from cognica.config import CognicaConfig  # noqa: E402
 from cognica.factory import PRESETS, make_weights  # noqa: E402
 from cognica.model import CognicaGPT  # noqa: E402
 from cognica_kernels.attention import paged_attention_triton  # noqa: E402
-from cognica_kernels.relu2 import relu2_linear_triton  # noqa: E402
+from cognica_kernels.relu2 import relu2_triton  # noqa: E402
 from kernels import GPUS, ModelShape, decode_step_bytes  # noqa: E402  (benchmarks/kernels.py: the roofline)
 from tests.utils import assert_bf16_close, assert_fp32_parity, bf16_tolerance, random_prompts  # noqa: E402
 
@@ -162,7 +164,7 @@ class PagedCognica:
                 hd**-0.5, self.window_left[i], max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
             )  # fmt: skip
             x = x + block.attn.c_proj(y.view(T, nh * hd))
-            x = x + block.mlp.c_proj(relu2_linear_triton(layers.norm(x), block.mlp.c_fc.weight))
+            x = x + block.mlp.c_proj(relu2_triton(block.mlp.c_fc(layers.norm(x))))
             if i == cfg.backout_layer:
                 x_backout = x
         # the reference's single-exit head (not the PoE Log-OP one): backout, final norm, lm_head, soft-cap

@@ -3,7 +3,7 @@
 # machine (torch, triton, safetensors, tiktoken, tokenizers, transformers; no vLLM/SGLang, no pip install, no
 # network). Fields of the table and the JSON: docs/performance.md, "The GPU check".
 #
-#   bash scripts/gpu_check.sh [OUTDIR]             # on a CUDA machine; OUTDIR defaults to $OUT; <= 8 min on an H100
+#   bash scripts/gpu_check.sh [OUTDIR]             # on a CUDA machine; OUTDIR defaults to $OUT; <= 9 min on an H100
 #   bash scripts/gpu_check.sh --dry-run [OUTDIR]   # the same steps at tiny shapes on CPU, TRITON_INTERPRET=1 (~1-2 min)
 #
 # Steps (each under its own time limit, all run even if one fails; exit 1 if any failed):
@@ -11,6 +11,8 @@
 #   kernel-tests  tests/test_kernels.py, compiled on CUDA (pytest, or the builtin
 #                 runner of benchmarks/gpu_kernel_tests.py where pytest is absent) -> OUTDIR/kernel_tests.json
 #   kernels       benchmarks/gpu_check.py kernels: attention and relu2_linear timings -> OUTDIR/kernels.json
+#   compare       benchmarks/gpu_check.py compare: ours beside SDPA (cuDNN, flash), flex_attention and torch
+#                 relu^2 on identical inputs, CUDA-graph replay timing; feeds the verdicts -> OUTDIR/compare.json
 #   decode        benchmarks/paged_decode.py: 1.38B factory model, paged decode step  -> OUTDIR/decode.json
 #   report        the table last; everything merged into OUTDIR/gpu_check.json
 # Python: $PYTHON, else python3 (--dry-run: .venv/vllm/bin/python where it exists). The package need not be
@@ -22,7 +24,7 @@ OUTDIR=""
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUTDIR=$arg ;;
   esac
@@ -33,7 +35,7 @@ if [ -z "$OUTDIR" ]; then
   exit 2
 fi
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || exit 2
-rm -f "$OUTDIR"/{env,kernel_tests,kernel_tests_builtin,kernels,decode,gpu_check}.json "$OUTDIR/steps.tsv"
+rm -f "$OUTDIR"/{env,kernel_tests,kernel_tests_builtin,kernels,compare,decode,gpu_check}.json "$OUTDIR/steps.tsv"
 
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ $DRY -eq 1 ] && [ -x "$REPO/.venv/vllm/bin/python" ]; then PY=$REPO/.venv/vllm/bin/python
@@ -53,11 +55,11 @@ if [ $DRY -eq 1 ]; then
   # the interpreter must be chosen before triton is imported; CPU tensors only
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   DRYFLAG=(--dry-run)
-  LIMITS=(60 120 120 240)  # env, kernel-tests, kernels, decode (s); CPU-bound, the machine may be shared
+  LIMITS=(60 120 120 240 120)  # env, kernel-tests, kernels, decode, compare (s); CPU-bound, the machine may be shared
 else
   unset TRITON_INTERPRET
   DRYFLAG=()
-  LIMITS=(30 150 120 180)  # 480 s in all at worst (the issue's 8 minutes); the device tool allows 600 s per call
+  LIMITS=(20 120 90 150 150)  # 530 s in all at worst (the 9-minute budget); the device tool allows 600 s per call
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check.sh: torch sees no CUDA device; on a machine without one run: bash scripts/gpu_check.sh --dry-run DIR" >&2
     exit 2
@@ -98,6 +100,7 @@ else
   step kernel-tests "${LIMITS[1]}" "$PY" benchmarks/gpu_kernel_tests.py --out "$OUTDIR/kernel_tests.json"
 fi
 step kernels "${LIMITS[2]}" "$PY" benchmarks/gpu_check.py kernels --out "$OUTDIR/kernels.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
+step compare "${LIMITS[4]}" "$PY" benchmarks/gpu_check.py compare --out "$OUTDIR/compare.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 step decode "${LIMITS[3]}" "$PY" benchmarks/paged_decode.py --out "$OUTDIR/decode.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 echo "=== [$((SECONDS - T0)) s] report"
 "$PY" benchmarks/gpu_check.py report "$OUTDIR" || status=1

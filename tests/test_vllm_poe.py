@@ -121,9 +121,10 @@ SPEC = {"method": "draft_model", "num_speculative_tokens": 3}
 
 @pytest.fixture(scope="module")
 def spec_llm(engines, ckpt):
-    # the drafter is the stage-1 prefix of the same files; one KV-cache group (cognica_vllm.spec_decode)
-    return engines.get("spec", speculative_config={**SPEC, "model": str(ckpt)}, disable_hybrid_kv_cache_manager=True,
-                       enforce_eager=True, disable_log_stats=False)
+    # the drafter is the stage-1 prefix of the same files; vLLM's own flags only: the plugin turns the hybrid
+    # KV-cache manager off itself (cognica_vllm.config_checks)
+    return engines.get("spec", speculative_config={**SPEC, "model": str(ckpt)}, enforce_eager=True,
+                       disable_log_stats=False)
 
 
 def spec_counts(llm: LLM) -> tuple[int, int]:
@@ -175,7 +176,7 @@ def test_drafter_is_the_exact_stage1_prefix(engines, shallow_ckpt):
     """Where the full model predicts like its stage-1 prefix, every draft is accepted: a drafter that differs from
     the prefix anywhere (windows, smear, value embeddings, positions past the window) would have drafts rejected."""
     llm = engines.get("spec-shallow", model=str(shallow_ckpt), enforce_eager=True, disable_log_stats=False,
-                      speculative_config={**SPEC, "model": str(shallow_ckpt)}, disable_hybrid_kv_cache_manager=True)
+                      speculative_config={**SPEC, "model": str(shallow_ckpt)})
     ref = load_reference(shallow_ckpt, dtype=torch.float32, poe_exit_stage=1)
     prompts = random_prompts([5, 300, 700], seed=9)
     for prompt, (tokens, _, _) in zip(prompts, run(llm, prompts)):
@@ -185,13 +186,27 @@ def test_drafter_is_the_exact_stage1_prefix(engines, shallow_ckpt):
         f"the drafter disagreed with its own prefix: {accepted}/{drafted} drafts accepted"
 
 
-def test_self_speculative_needs_one_kv_cache_group(engines, ckpt):
+def test_self_speculative_with_the_hybrid_manager_forced_on_is_refused_in_the_first_process(ckpt):
     """vLLM 0.32 hands a draft model KV-cache group 0's metadata (gpu_model_runner.py:2532-2545): with the hybrid
-    manager the drafter would write over the target's sliding-layer KV, so it is refused with the fix."""
-    engines.close()  # an engine that fails to start must not tear down one that is serving
-    with pytest.raises(Exception, match="disable_hybrid_kv_cache_manager=True"):
-        LLM(model=str(ckpt), max_model_len=1024, block_size=32, dtype="float32", skip_tokenizer_init=True,
-            enforce_eager=True, gpu_memory_utilization=0.3, speculative_config={**SPEC, "model": str(ckpt)})
+    manager the drafter would write over the target's sliding-layer KV, so forcing it on is refused. With the
+    engine core in its own process (vLLM's default), the user's exception must be that line, not vLLM's
+    "Engine core initialization failed. See root cause above"."""
+    import subprocess
+    import sys
+
+    script = (f"from vllm import LLM\nif __name__ == '__main__':\n    LLM(model={str(ckpt)!r}, max_model_len=1024, "
+              f"block_size=32, dtype='float32', skip_tokenizer_init=True, enforce_eager=True, "
+              f"gpu_memory_utilization=0.3, speculative_config={ {**SPEC, 'model': str(ckpt)}!r}, "
+              f"disable_hybrid_kv_cache_manager=False)\n")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    # the raised exception: the lines after the traceback's last frame (vLLM's config errors come wrapped in
+    # pydantic's one-error ValidationError, as every VllmConfig.__post_init__ ValueError does)
+    lines = out.stderr.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    raised = "\n".join(lines[frames[-1] + 2:] if frames else lines[-3:])
+    assert out.returncode != 0 and "self-speculative decoding of Cognica needs disable_hybrid_kv_cache_manager" \
+        in raised, f"the user-facing exception must carry the reason, got: {raised}"
 
 
 def test_bp_checkpoint_refuses_a_stage_exit(engines, bp_ckpt):
