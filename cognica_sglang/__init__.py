@@ -34,9 +34,15 @@ def _check_stage_options(server_args: Any, hf_config: Any) -> dict:
     """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`) in the first process:
     SGLang calls model overrides on the config with those args applied (sglang/srt/arg_groups/model_hook.py:166, 233),
     before any scheduler starts; a refusal raised later, in the scheduler, only kills the engine (SIGQUIT)."""
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+
     from cognica.hf import cognica_config
 
-    cognica_config(hf_config)  # ConfigError, e.g. a stage exit on a poe_mode="none" (BP) checkpoint without force
+    cfg = cognica_config(hf_config)  # ConfigError, e.g. a stage exit on a poe_mode="none" (BP) checkpoint without force
+    if resolving_view(server_args).is_embedding and cfg.poe_head == "logop":
+        raise ValueError("cognica: --is-embedding pools the final hidden state, which the Log-OP head "
+                         "(poe_head='logop') does not have (it combines several stage ends); serve it without "
+                         "poe_head='logop'")
     return {}
 
 
@@ -44,10 +50,15 @@ def _refuse_requests_that_crash_the_scheduler(manager: Any, obj: Any, input_ids:
                                               **kwargs: Any) -> None:
     """BEFORE hook on TokenizerManager._validate_one_request (SGLang's plugin HookRegistry). SGLang 0.5.23 range-checks
     neither prompt token ids (an id >= vocab_size crashes the scheduler in the embedding lookup) nor the number of
-    top logprobs (more than the vocab crashes `topk`). A ValueError here becomes a 400 and the server keeps serving."""
+    top logprobs (more than the vocab crashes `topk`); prompt embeddings (`input_embeds`, which the tokenizer manager
+    passes on with `--disable-radix-cache`) would raise inside the scheduler's forward and drop the connection.
+    A ValueError here becomes a 400 and the server keeps serving."""
     cfg = manager.model_config
     if getattr(cfg.hf_config, "model_type", None) != "cognica_poe":
         return None
+    if getattr(obj, "input_embeds", None) is not None:
+        raise ValueError("cognica: input_embeds are not supported (value embeddings and smear need token ids); "
+                         "send text or input_ids")
     bad = next((t for t in input_ids or () if not isinstance(t, int) or t < 0 or t >= cfg.vocab_size), None)
     if bad is not None:
         raise ValueError(f"prompt token id {bad!r} is out of range: valid ids are 0..{cfg.vocab_size - 1}")

@@ -32,6 +32,7 @@ from sglang.srt.layers.linear import (
     RowParallelLinear,
 )
 from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.pooler import Pooler, PoolingType
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 from sglang.srt.layers.radix_attention import RadixAttention
@@ -248,6 +249,9 @@ class CognicaPoEForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(padded_vocab(cfg), cfg.n_embd, quant_config=quant_config,
                                       prefix=add_prefix("lm_head", prefix))
         self.logits_processor = LogitsProcessor(config)  # soft-caps with config.final_logit_softcapping (15)
+        # --is-embedding: the last token's normed final hidden state (lm_head's input), L2-normalised, as SGLang's
+        # in-tree LlamaForCausalLM pools (Pooler(PoolingType.LAST, normalize=True), returned when get_embedding)
+        self.pooler = Pooler(pooling_type=PoolingType.LAST, normalize=True)
         self.logop_head: LogOPHead | None = None
         if cfg.poe_head == "logop":
             if get_parallel().tp_size > 1:
@@ -266,6 +270,8 @@ class CognicaPoEForCausalLM(nn.Module):
         if input_embeds is not None:
             raise NotImplementedError("Cognica needs token ids (smear, value embeddings); input_embeds is unsupported")
         hidden = self.model(input_ids, positions, forward_batch)
+        if get_embedding:
+            return self.pooler(hidden, forward_batch)
         return self.logits_processor(input_ids, hidden, self.logop_head or self.lm_head, forward_batch)
 
     def get_attention_sliding_window_size(self) -> int:

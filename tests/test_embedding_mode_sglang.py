@@ -1,0 +1,108 @@
+"""SGLang's embedding mode (`--is-embedding`) with Cognica: /v1/embeddings returns the last token's final normed
+hidden state (lm_head's input), L2-normalised, as SGLang pools its in-tree LlamaForCausalLM
+(`Pooler(PoolingType.LAST, normalize=True)`); equal to the reference's within 1e-4 in float32. The Log-OP head has
+no single final hidden state and is refused in the first process.
+
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest \
+        tests/test_embedding_mode_sglang.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import requests
+import torch
+
+pytestmark = pytest.mark.sglang
+
+import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
+
+from cognica.factory import make_checkpoint  # noqa: E402
+from cognica.model import CognicaGPT, load_reference  # noqa: E402
+from tests.server_utils import free_port, serve  # noqa: E402
+from tests.sglang_utils import random_prompt  # noqa: E402
+
+ATOL = 1e-4
+# a single token (no smear), short prompts, and 600 tokens: past the tiny preset's 256-key S window
+PROMPTS = [random_prompt(1, seed=0), random_prompt(7, seed=1), random_prompt(33, seed=2), random_prompt(600, seed=3)]
+
+
+def reference_embedding(ref: CognicaGPT, ids: list[int]) -> torch.Tensor:
+    """The reference's last-token input of lm_head (the final normed hidden state), L2-normalised."""
+    seen: list[torch.Tensor] = []
+    hook = ref.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            ref(torch.tensor([ids]))
+    finally:
+        hook.remove()
+    return torch.nn.functional.normalize(seen[0][0, -1].float(), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from cognica.tokenizer import convert_tokenizer
+
+    out = make_checkpoint(tmp_path_factory.mktemp("embed"), preset="tiny", seed=0, tokenizer=True, progress=False)
+    convert_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir):
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
+           "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192", "--is-embedding"]
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with serve(cmd, "default", port, log, unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=300,
+               model_dir=model_dir) as s:
+        yield s
+
+
+def embeddings(server, inputs: list[list[int]]) -> list[list[float]]:
+    r = requests.post(f"{server.url}/v1/embeddings", json={"model": "default", "input": inputs}, timeout=300)
+    assert r.status_code == 200, f"/v1/embeddings failed: {r.status_code}: {r.text[:500]}"
+    return [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+
+
+def test_embeddings_equal_the_reference_final_hidden_state(server, model_dir):
+    ref = load_reference(model_dir, dtype=torch.float32)
+    got = embeddings(server, PROMPTS)  # one request: a batch of different lengths
+    for ids, emb in zip(PROMPTS, got, strict=True):
+        want = reference_embedding(ref, ids)
+        assert len(emb) == want.numel(), f"{len(ids)} tokens: embedding has {len(emb)} dims, expected {want.numel()}"
+        err = (torch.tensor(emb) - want).abs().max().item()
+        assert err < ATOL, f"{len(ids)} tokens: embedding off the reference's normed final hidden state by {err:.2e}"
+
+
+def test_embedding_of_a_prompt_alone_equals_it_in_a_batch(server):
+    alone = embeddings(server, [PROMPTS[2]])[0]
+    batched = embeddings(server, PROMPTS)[2]
+    err = max(abs(a - b) for a, b in zip(alone, batched, strict=True))
+    assert err < ATOL, f"a prompt's embedding depends on its batch: {err:.2e}"
+
+
+def test_logop_head_in_embedding_mode_is_refused_in_the_first_process(tmp_path):
+    poe = make_checkpoint(tmp_path / "poe", preset="tiny", seed=5, tokenizer=False, progress=False, n_layer=8,
+                          poe_mode="flat", poe_every=2)
+    code = (
+        "import sglang, sys\n"
+        "try:\n"
+        f"    sglang.Engine(model_path={str(poe)!r}, device='cpu', attention_backend='torch_native',"
+        " skip_tokenizer_init=True, disable_cuda_graph=True, skip_server_warmup=True, max_total_tokens=4096,"
+        " is_embedding=True, json_model_override_args='{\"poe_exit_stage\": 3, \"poe_head\": \"logop\"}',"
+        " log_level='error')\n"
+        "except Exception as e:\n"
+        "    print('REFUSED', type(e).__name__, e)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == 0, f"the engine started (or crashed) instead of refusing:\n{proc.stderr[-2000:]}"
+    assert "REFUSED ValueError" in proc.stdout and "poe_head='logop'" in proc.stdout, \
+        f"the refusal should be one ValueError naming poe_head='logop': {proc.stdout[-1000:]}"
