@@ -52,12 +52,28 @@ def needs_one_kv_cache_group(vllm_config) -> bool:
     return any(k < mc.max_model_len for k in cfg.window_keys[: cfg.n_active_layers])
 
 
+def refuse_logop_pooling(vllm_config) -> None:
+    """`--runner pooling` pools what the model's forward returns (`as_embedding_model`'s `DispatchPooler.for_embedding`,
+    vllm/model_executor/models/adapters.py): the final normed hidden state, lm_head's input. The Log-OP head has no
+    single one (its forward returns every stage end side by side), so that pairing is refused."""
+    mc = vllm_config.model_config
+    if mc.runner_type != "pooling":
+        return
+    from cognica.hf import cognica_config
+
+    if cognica_config(mc.hf_config).poe_head == "logop":
+        raise ValueError("cognica: --runner pooling pools the final hidden state, which the Log-OP head "
+                         "(poe_head='logop') does not have (it combines several stage ends); serve it without "
+                         "poe_head='logop'")
+
+
 class CognicaConfigChecks(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         refused = unsupported_modes(vllm_config)
         if refused:
             raise ValueError(f"{SMEAR_WHY}: {'; '.join(refused)}")
+        refuse_logop_pooling(vllm_config)
         if not needs_one_kv_cache_group(vllm_config):
             return
         sched = vllm_config.scheduler_config
