@@ -265,16 +265,16 @@ def check_output(name: str, output: str) -> None:
 
 
 def test_corpus_size_is_what_the_readme_says():
-    """The README's "a corpus of N variants; the engine-start tests run M of them" must match the code."""
+    """docs/testing.md's "a corpus of N variants; the engine-start tests run M of them" must match the code."""
     import re
 
     from tests.server_utils import ENGINE_START_VARIANTS
 
-    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    readme = " ".join((Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text().split())
     m = re.search(r"builds a corpus of (\d+) variants; the engine-start tests run (\d+) of them", readme)
-    assert m, "the README no longer states the bad-checkpoint corpus size: update this test with it"
+    assert m, "docs/testing.md no longer states the bad-checkpoint corpus size: update this test with it"
     assert (int(m[1]), int(m[2])) == (len(VARIANTS), len(ENGINE_START_VARIANTS)), \
-        f"README says {m[1]} variants / {m[2]} at engine start; the code has {len(VARIANTS)} / " \
+        f"docs/testing.md says {m[1]} variants / {m[2]} at engine start; the code has {len(VARIANTS)} / " \
         f"{len(ENGINE_START_VARIANTS)}"
     assert set(ENGINE_START_VARIANTS) <= set(VARIANTS), "engine-start variants missing from the corpus"
 
