@@ -153,8 +153,9 @@ def relu2_linear_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def relu2_reference(x: torch.Tensor) -> torch.Tensor:
-    """relu(x)^2 in plain torch, computed in fp32 and rounded once to x's dtype."""
-    return torch.relu(x.float()).square().to(x.dtype)
+    """relu(x)^2 in plain torch, in x's dtype: the model's own formula (`cognica.layers.relu2`, bit for bit; a test
+    holds them equal), which the CPU paths of both plugins run. The Triton kernel computes in fp32 and rounds once."""
+    return torch.relu(x).square()
 
 
 def relu2_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -74,3 +74,19 @@ def test_the_choice_is_logged_once_with_its_reason(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == log.name]
     assert len(lines) == 1, f"logged {len(lines)} times: {lines}"
     assert "relu2" in lines[0] and "engine's path" in lines[0] and "selects the engine" in lines[0], lines[0]
+
+
+def test_one_relu2_reference_the_models_formula_bit_for_bit():
+    """The kernels' torch reference is the model's relu^2 (`cognica.layers.relu2`), bit for bit in every dtype the
+    engines run, so the CPU paths, the Triton kernel's tests and the reference model agree on one definition."""
+    import torch
+
+    from cognica import layers
+    from cognica_kernels.relu2 import relu2_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=g) * 30, torch.tensor([0.0, -0.0, 1e-20, -1e-20, 3e4, -3e4])])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xd = x.to(dtype)
+        got, want = relu2_reference(xd), layers.relu2(xd)
+        assert got.dtype == want.dtype == dtype and torch.equal(got, want), f"{dtype}: relu2 references disagree"
