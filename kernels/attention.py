@@ -91,6 +91,7 @@ def _paged_attention_kernel(
     USE_SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -132,20 +133,20 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    for start in range(kv_lo, kv_hi, BLOCK_N):
+    for start in tl.range(kv_lo, kv_hi, BLOCK_N, num_stages=NUM_STAGES):
         s = start + offs_n
         s_valid = s < kv_hi  # also keeps the block-table and cache loads inside the window
         page = tl.load(block_table_ptr + seq * stride_bt + s // PAGE_SIZE, mask=s_valid, other=0).to(tl.int64)
         slot = s % PAGE_SIZE
-        k = tl.load(  # [HEAD_DIM, BLOCK_N]: K^T for the dot
-            key_cache_ptr + page[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh
-            + offs_d[:, None],
-            mask=s_valid[None, :],
+        k = tl.load(  # [BLOCK_N, HEAD_DIM], the same layout as V: one block-table load serves both
+            key_cache_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
+            + offs_d[None, :],
+            mask=s_valid[:, None],
             other=0.0,
         )
         if DOT_FP32:
             k = k.to(tl.float32)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if USE_SOFTCAP:
             qk = softcap * _tanh(qk * (scale / softcap)) * 1.4426950408889634
         else:
@@ -239,20 +240,45 @@ def _next_power_of_2(n: int) -> int:
 
 
 def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
-                   window_left: int | None, sms: int = _DEFAULT_SMS) -> dict[str, int]:
-    """The compile-time constants a launch picks (each distinct set is one Triton compilation).
+                   window_left: int | None, sms: int = _DEFAULT_SMS, arch: int | None = None) -> dict[str, int]:
+    """The compile-time constants and launch options a launch picks (each distinct set is one Triton compilation).
 
     Under a CUDA graph the launch is recorded at capture, so these must depend only on values that are the same at
     warm-up, capture and replay: the engines pass their static maximum for `max_seq_len` (see `paged_attention`).
+    `arch` is the device's compute capability as 10 * major + minor (`device_arch`; None: no CUDA device, taken as
+    Hopper). Tiles are chosen by what Triton 3.6 compiles for sm_80 / sm_90 (tests/test_kernels_compile.py, the
+    "Compiled variants" table of docs/performance.md: no spills, >= 25 % occupancy), not by GPU timings:
+
+    - Every tile walks its keys in a `tl.range` loop with `NUM_STAGES` 5. Each key tile takes two dependent loads
+      (block-table entries, then K/V through them); Triton's pipeliner divides the stages between the two levels,
+      so 5 gives each level two buffers: the block-table entries are fetched two tiles ahead, and the next tile's
+      K/V copies (cp.async) are in flight while the current tile's dots run.
+    - Up to 16 rows (decode, short chunks): 4 warps, 32-key tiles (the double-buffered K/V is 32 KiB, so four
+      programs fit on an A100 SM).
+    - More rows on Hopper (sm_90+): up to 128 rows with 8 warps (two warpgroups), 16-key tiles at 128 rows and 32
+      below (at 128 rows x 32 keys ptxas needs more than the 128 registers that two 8-warp programs per SM allow).
+    - More rows elsewhere (sm_80): 32 rows with 8 warps, 32-key tiles (64 rows took 160+ registers at 8 warps and
+      240+ at 4).
     """
     group_p2 = _next_power_of_2(num_heads // num_kv_heads)
-    block_q = min(max(1, 64 // group_p2), _next_power_of_2(max_query_len))  # 64-row tiles, untuned
+    hopper = arch is None or arch >= 90
+    block_q = min(max(1, (128 if hopper else 32) // group_p2), _next_power_of_2(max_query_len))
     num_splits = 1
     if max_query_len == 1:
         span = max_seq_len if window_left is None else min(max_seq_len, window_left + 1)
         num_splits = _decode_splits(batch, num_kv_heads, span, sms)
-    return {"GROUP_P2": group_p2, "BLOCK_Q": block_q, "BLOCK_M": max(16, block_q * group_p2),  # tl.dot: >= 16 rows
-            "NUM_SPLITS": num_splits}
+    block_m = max(16, block_q * group_p2)  # tl.dot: >= 16 rows
+    return {"GROUP_P2": group_p2, "BLOCK_Q": block_q, "BLOCK_M": block_m, "NUM_SPLITS": num_splits,
+            "BLOCK_N": 16 if block_m >= 128 else 32, "NUM_STAGES": 5, "num_warps": 4 if block_m <= 16 else 8}
+
+
+@functools.cache
+def device_arch(device_index: int | None) -> int | None:
+    """Compute capability of a CUDA device as 10 * major + minor (80 on an A100, 90 on an H100); None without one."""
+    if device_index is None or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
 
 
 def paged_attention_triton(
@@ -295,10 +321,10 @@ def paged_attention_triton(
     group = num_heads // num_kv_heads
     if max_seq_len is None and max_query_len == 1:
         max_seq_len = int(seq_lens.max())
+    device_index = q.device.index if q.is_cuda else None
     variant = kernel_variant(batch, num_heads, num_kv_heads, max_query_len, max_seq_len or 0, window_left,
-                             num_sms(q.device.index if q.is_cuda else None))
+                             num_sms(device_index), device_arch(device_index))
     group_p2, block_q, block_m = variant["GROUP_P2"], variant["BLOCK_Q"], variant["BLOCK_M"]
-    block_n = 64
     if num_splits is None:
         num_splits = variant["NUM_SPLITS"]
     assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
@@ -318,11 +344,11 @@ def paged_attention_triton(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=variant["BLOCK_N"], NUM_SPLITS=num_splits,
         USE_SOFTCAP=softcap is not None,
         DOT_FP32=interpreting() and q.dtype != torch.float32,
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=variant["NUM_STAGES"],
+        num_warps=variant["num_warps"], num_stages=variant["NUM_STAGES"],
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

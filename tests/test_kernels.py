@@ -326,3 +326,28 @@ def test_decode_split_k_fills_the_gpu_by_its_own_sm_count():
     assert variant(40, 12, 12, 1, 2048, 512, sms=108)["NUM_SPLITS"] == 1, "an A100 has fewer SMs to fill"
     assert variant(32, 12, 12, 64, 2048, 512, sms=132)["NUM_SPLITS"] == 1, "prefill never splits"
     assert attn_ops.num_sms(None) == 132, "without a CUDA device the H100 SXM count stands in"
+
+
+@pytest.mark.parametrize("window_left", [64, None], ids=["w64", "full"])
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80-tiles", "sm90-tiles"])
+def test_prefill_tiles_of_each_architecture_match_reference(monkeypatch, arch, window_left):
+    """The launcher sizes prefill tiles by the device (`device_arch`): 128 query rows x 16 keys with 8 warps on
+    Hopper, 32 x 32 on an A100. Each choice is exact: a 130-token prefill (two 128-row tiles, the second one row
+    long), a 40-token chunk on a 560-key prefix (past the window) and a decode step in one batch."""
+    monkeypatch.setattr(attn_ops, "device_arch", lambda device_index: arch)
+    variant = attn_ops.kernel_variant(3, 2, 2, 130, 600, window_left, arch=arch)
+    expected = {80: (32, 32, 8), 90: (128, 16, 8)}[arch]
+    assert (variant["BLOCK_M"], variant["BLOCK_N"], variant["num_warps"]) == expected, variant
+    assert variant["NUM_STAGES"] == 5, "two-deep software pipelining of the block table and K/V"
+    dtype, atol, rtol = BF16
+    batch = _paged_batch([130, 40, 1], [130, 600, 300], 2, 2, 128, dtype)
+    out = attn_ops.paged_attention_triton(*batch, window_left, None)
+    _assert_close(out, attn_ops.paged_attention_reference(*batch, window_left, None), atol, rtol, f"sm_{arch} tiles")
+
+
+def test_decode_tiles_are_the_same_on_both_architectures():
+    """Decode (and short chunks, <= 16 rows) keeps 4 warps and 32-key tiles everywhere: double-buffered K/V of
+    32 KiB, four programs per A100 SM (tests/test_kernels_compile.py checks the compiled occupancy)."""
+    for arch in (80, 90, None):
+        variant = attn_ops.kernel_variant(32, 12, 12, 1, 2048, 512, arch=arch)
+        assert (variant["BLOCK_M"], variant["BLOCK_N"], variant["num_warps"], variant["NUM_STAGES"]) == (16, 32, 4, 5)

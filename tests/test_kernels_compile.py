@@ -49,8 +49,8 @@ def _variants() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
                 "seq_lens_ptr": "i32", "query_start_loc_ptr": "i32", "out_ptr": dtype, "part_acc_ptr": "fp32",
                 "part_ml_ptr": "fp32"}  # fmt: skip
         consts = {"GROUP": group, "GROUP_P2": group_p2, "HEAD_DIM": head_dim, "PAGE_SIZE": page_size,
-                  "BLOCK_Q": block_q, "BLOCK_M": max(16, block_q * group_p2), "BLOCK_N": 64, "NUM_SPLITS": splits,
-                  "USE_SOFTCAP": softcap, "DOT_FP32": False,
+                  "BLOCK_Q": block_q, "BLOCK_M": max(16, block_q * group_p2), "BLOCK_N": 32, "NUM_SPLITS": splits,
+                  "USE_SOFTCAP": softcap, "DOT_FP32": False, "NUM_STAGES": 5,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}  # fmt: skip
         out.append((f"paged_attention/{label}", attention._paged_attention_kernel, ptrs, consts))
     for head_dim in (64, 128):
@@ -195,7 +195,7 @@ def _production_launches():
         for batch in (1, 32, 256):
             out.append((f"vllm decode {layer} b{batch}", vllm(batch, 1, window)))
         # prefill / chunked prefill / mixed steps: BLOCK_Q follows max_query_len up to the full tile
-        for q_len in (2, 8, 32, 512):
+        for q_len in (2, 8, 32, 64, 512):
             out.append((f"vllm prefill {layer} q{q_len}", vllm(2, q_len, window)))
         for q_len in (1, 8, 512):
             out.append((f"sglang extend {layer} q{q_len}", sglang(2, q_len, window)))
@@ -257,14 +257,27 @@ def _ptxas_usage(log: str) -> dict[str, int]:
 
 
 def pipelining(ttgir: str) -> dict[str, int]:
-    """Counts in the TTGIR that show whether a loop overlaps copies with math: asynchronous global->shared copies,
-    shared-memory buffers that are multi-buffered (a leading buffer dimension >= 2), and async waits."""
+    """What the TTGIR shows of a key loop's overlap of copies and math:
+
+    - `async_copies`: asynchronous global->shared copies (cp.async) issued anywhere in the kernel;
+    - `multi_buffers`: K/V-sized shared buffers with two or more slots (`memdesc<2x...x...>`): the next tile can be
+      copied while the current one is read;
+    - `loop_wait_pending`: the copy groups the first `async_wait` in the first `scf.for` leaves in flight before the
+      loop's first dot (0: every copy is waited for at the top of the loop, no overlap; -1: no such wait).
+    """
     import re
 
-    allocs = re.findall(r"ttg\.local_alloc.*?!ttg\.memdesc<([0-9x]+)x(?:bf16|f16|f32|i32)", ttgir)
-    multi = sum(1 for shape in allocs if shape.count("x") >= 2 and int(shape.split("x")[0]) >= 2)
-    return {"async_copies": ttgir.count("ttg.async_copy_global_to_local"), "multi_buffers": multi,
-            "async_waits": ttgir.count("ttg.async_wait")}
+    buffers = re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x(?:bf16|f16|f32)", ttgir)
+    pending = -1
+    loop = ttgir.find("scf.for")
+    if loop >= 0:
+        body = ttgir[loop:]
+        dots = [i for i in (body.find("tt.dot "), body.find("ttng.warp_group_dot ")) if i >= 0]
+        wait = re.search(r"ttg\.async_wait[^{]*\{num = (\d+) : i32\}", body)
+        if wait and dots and wait.start() < min(dots):
+            pending = int(wait.group(1))
+    return {"async_copies": ttgir.count("ttg.async_copy_global_to_local"),
+            "multi_buffers": sum(1 for n in buffers if int(n) >= 2), "loop_wait_pending": pending}
 
 
 def _compile_production(cc: int) -> dict[str, dict[str, object]]:
@@ -316,7 +329,7 @@ def _compile_production(cc: int) -> dict[str, dict[str, object]]:
 def format_table(report: dict[str, dict[str, object]]) -> str:
     """The markdown table docs/performance.md keeps ("Compiled variants")."""
     rows = ["| sm | kernel | tile | warps / stages | regs | spills (st/ld B) | smem KiB | blocks/SM | occupancy "
-            "| async copies / multi-buffers | production launches |",
+            "| cp.async / 2-slot buffers / in flight at the dots | production launches |",
             "|---|---|---|---|---:|---|---:|---:|---:|---|---|"]
     def order(kv):  # by target, then kernel, then the order of the first launch that compiles it
         kernel, rest = kv[0].split("#")
@@ -331,7 +344,7 @@ def format_table(report: dict[str, dict[str, object]]) -> str:
         tile = " ".join(f"{k.replace('BLOCK_', '').replace('NUM_', '')}={c}" for k, c in v["constexprs"].items())
         rows.append(f"| {sm} | {v['kernel']} | {tile} | {v['num_warps']} / {v['num_stages']} | {v['regs']} "
                     f"| {v['spill_stores']}/{v['spill_loads']} | {v['smem'] / 1024:.1f} | {v['blocks_per_sm']} "
-                    f"| {v['occupancy']:.0%} | {v['async_copies']} / {v['multi_buffers']} "
+                    f"| {v['occupancy']:.0%} | {v['async_copies']} / {v['multi_buffers']} / {v['loop_wait_pending']} "
                     f"| {', '.join(v['launches'])} |")
     return "\n".join(rows)
 
@@ -365,6 +378,13 @@ def test_production_variants_compile_without_spills_at_25_percent_occupancy(tmp_
         assert v["regs"] > 0 and v["spill_stores"] == 0 and v["spill_loads"] == 0 and v["stack"] == 0, (
             f"{key} ({', '.join(v['launches'])}): {v['regs']} registers, {v['spill_stores']} B spill stores, "
             f"{v['spill_loads']} B spill loads, {v['stack']} B stack")
+        if v["kernel"] == "paged_attention_kernel" and v["constexprs"]["BLOCK_M"] == 16:  # decode tiles
+            # the key loop is software-pipelined: K and V each in a two-slot shared buffer, and the copies of the
+            # next tile still in flight (async_wait num > 0) when the current tile's dots start
+            assert v["multi_buffers"] >= 2 and v["loop_wait_pending"] > 0, (
+                f"{key} ({', '.join(v['launches'])}): the decode loop is not double-buffered: "
+                f"{v['multi_buffers']} two-slot K/V buffers, {v['loop_wait_pending']} copy groups in flight at the "
+                "first dot")
         assert v["occupancy"] >= MIN_OCCUPANCY, (
             f"{key} ({', '.join(v['launches'])}): occupancy {v['occupancy']:.0%} < {MIN_OCCUPANCY:.0%} "
             f"({v['regs']} registers, {v['smem']} B smem, {v['num_warps']} warps)")
