@@ -47,10 +47,10 @@ from cognica import layers  # noqa: E402
 from cognica.config import CognicaConfig  # noqa: E402
 from cognica.factory import PRESETS, make_weights  # noqa: E402
 from cognica.model import CognicaGPT  # noqa: E402
+from cognica.parity import assert_bf16_close, assert_fp32_parity, bf16_tolerance, random_prompts  # noqa: E402
 from cognica_kernels.attention import paged_attention_triton  # noqa: E402
 from cognica_kernels.relu2 import relu2_triton  # noqa: E402
 from kernels import GPUS, ModelShape, decode_step_bytes  # noqa: E402  (benchmarks/kernels.py: the roofline)
-from tests.utils import assert_bf16_close, assert_fp32_parity, bf16_tolerance, random_prompts  # noqa: E402
 
 PAGE = 16
 GPU_PROFILE = {"preset": "full", "ctx": 2048, "batches": (1, 32, 256), "prompt_lens": (5, 37, 600), "new_tokens": 8,

@@ -1,4 +1,10 @@
-"""Test helpers shared by the engine suites: seeded prompts and parity checks against the reference."""
+"""Parity against the reference model: seeded prompts, teacher forcing and the tolerance rules.
+
+One definition of "the same as the reference" for the engine tests, the benchmarks and the GPU check: float32
+greedy tokens identical and per-token log-probs within `FP32_LOGPROB_ATOL`; bf16 within a tolerance calibrated per
+prompt from the reference's own fp32-vs-bf16 drift, a differing greedy token only at a near tie. Each check raises
+`AssertionError` with a message naming the step or position.
+"""
 
 from __future__ import annotations
 
