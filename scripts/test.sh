@@ -19,7 +19,8 @@ step() {  # name, command...
 step ruff .venv/vllm/bin/ruff check cognica cognica_vllm cognica_sglang kernels tests benchmarks
 step core .venv/vllm/bin/python -m pytest -q tests/test_config.py tests/test_checkpoint.py tests/test_model.py \
   tests/test_tokenizer.py tests/test_cli.py tests/test_bad_checkpoints.py tests/test_fuzz.py tests/test_cpu_linear.py \
-  tests/test_upstream_oracle.py tests/test_poe.py tests/test_first_use.py tests/test_kernel_dispatch.py
+  tests/test_upstream_oracle.py tests/test_poe.py tests/test_first_use.py tests/test_kernel_dispatch.py \
+  tests/test_chat_template.py
 # the interpreter must be chosen before triton is imported, so the kernel tests get their own process
 step kernels env TRITON_INTERPRET=1 .venv/vllm/bin/python -m pytest -q tests/test_kernels.py
 step kernels-compile .venv/vllm/bin/python -m pytest -q tests/test_kernels_compile.py
@@ -27,10 +28,12 @@ step kernels-compile .venv/vllm/bin/python -m pytest -q tests/test_kernels_compi
 step gpu-check-dry-run .venv/vllm/bin/python -m pytest -q tests/test_gpu_check.py
 step vllm .venv/vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_eager.py \
   tests/test_vllm_release_shape.py tests/test_vllm_parallel.py tests/test_vllm_server.py tests/test_vllm_cuda_paths.py \
-  tests/test_first_use_vllm.py tests/test_vllm_poe.py tests/test_vllm_config_checks.py tests/test_vllm_lora.py
+  tests/test_first_use_vllm.py tests/test_vllm_poe.py tests/test_vllm_config_checks.py tests/test_vllm_lora.py \
+  tests/test_embedding_mode_vllm.py tests/test_vllm_request_options.py
 step sglang env SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest -q \
   tests/test_sglang.py tests/test_sglang_cuda_paths.py tests/test_tokenizer.py tests/test_first_use_sglang.py \
-  tests/test_sglang_poe.py tests/test_sglang_release_shape.py
+  tests/test_sglang_poe.py tests/test_sglang_release_shape.py \
+  tests/test_embedding_mode_sglang.py tests/test_sglang_request_options.py
 
 echo "=== all tests: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
 exit $status
