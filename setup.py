@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=["cognica", "cognica_vllm", "cognica_sglang", "cognica_kernels"],
     package_dir={"cognica_kernels": "kernels"},
+    package_data={"cognica": ["chat_template.jinja"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",

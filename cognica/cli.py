@@ -94,6 +94,13 @@ def cmd_bpb(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat_template(args: argparse.Namespace) -> int:
+    from cognica.chat import TEMPLATE_PATH, chat_template
+
+    print(chat_template() if args.print else TEMPLATE_PATH)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cognica", description="Cognica (nanochat) checkpoints for vLLM and SGLang")
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--poe-force", action="store_true",
                    help="allow stage modes on a poe_mode='none' (BP) checkpoint (intermediate layers untrained)")
     s.set_defaults(func=cmd_bpb)
+
+    s = sub.add_parser("chat-template", help="the path of the opt-in nanochat chat template (for SFT checkpoints)")
+    s.add_argument("--print", action="store_true", help="print the template instead of its path")
+    s.set_defaults(func=cmd_chat_template)
     return p
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from cognica.chat import STOP_TOKEN, TEMPLATE_PATH, chat_template
 from cognica.hf import register
 from cognica.model import load_reference
 from tests.server_utils import (
@@ -35,7 +36,8 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_ckpt), "--host",
            "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
            "--max-num-seqs", "16", "--block-size", "32", "--dtype", "float32",
-           "--enforce-eager"]  # eager here; tests/test_vllm.py runs the compiled path
+           "--enforce-eager",  # eager here; tests/test_vllm.py runs the compiled path
+           "--chat-template", str(TEMPLATE_PATH)]  # the opt-in nanochat template, as the README says
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     with serve(cmd, str(tiny_ckpt), port, log, env, model_dir=tiny_ckpt) as s:
@@ -63,6 +65,27 @@ def test_server_completion_matches_reference_with_bos_prepended_once(server, tok
     tokens, logprobs = completion_ids(server, "The capital of France is", max_tokens=12)
     assert len(tokens) == 12 and all(lp <= 0 for lp in logprobs), "12 tokens with log-probabilities expected"
     assert_fp32_parity(ref, ids, tokens, logprobs, "served completion (float32)", n_new=12)
+
+
+def test_chat_completion_with_the_nanochat_template_matches_reference(server, tokenizer, tiny_ckpt):
+    """`--chat-template "$(cognica chat-template)"`: a chat request is the template's ids continued greedily as
+    the reference does, and the stop token ends the turn."""
+    import requests
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital?"}]
+    ids = tokenizer.apply_chat_template(messages, chat_template=chat_template(), add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)  # fmt: skip
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    body = {"model": server.model, "messages": messages, "temperature": 0, "max_tokens": 10, "logprobs": True,
+            "return_tokens_as_token_ids": True, "stop": [STOP_TOKEN], "skip_special_tokens": False}  # fmt: skip
+    r = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert r.json()["usage"]["prompt_tokens"] == len(ids), (r.json()["usage"], len(ids))
+    tokens = [int(t["token"].split(":")[1]) for t in choice["logprobs"]["content"]]
+    logprobs = [t["logprob"] for t in choice["logprobs"]["content"]]
+    ref = load_reference(tiny_ckpt, dtype=torch.float32)
+    assert_fp32_parity(ref, ids, tokens, logprobs, "chat completion (float32)")
 
 
 def test_streaming_equals_non_streaming(server):
