@@ -48,6 +48,7 @@ from cognica.checkpoint import (
     expected_tensors,
     open_checkpoint,
     padded_vocab,
+    quantization_layout,
 )
 from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica_kernels import use_triton
@@ -296,6 +297,9 @@ class CognicaPoEForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
             open_checkpoint(model_path)  # names, shapes, dtypes, files: fail before any allocation
         cfg = model_config(vllm_config)
         self.config = cfg
+        # config.json's, which the HF config keeps (cognica_config drops it); vLLM built vllm_config.quant_config
+        # from it, which every linear layer below receives
+        self.quantization_config = getattr(vllm_config.model_config.hf_config, "quantization_config", None)
         refuse_longer_context(vllm_config.model_config.max_model_len, cfg)
         self.model = CognicaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
@@ -329,27 +333,38 @@ class CognicaPoEForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
         loaded: set[str] = set()
         seen: set[str] = set()
         expected = expected_tensors(cfg)
+        # a pre-quantized checkpoint's scales / zero points (cognica.checkpoint.quantization_layout) load into the
+        # parameters the quantization scheme created on the same linear layer (e.g. CompressedTensorsW8A8Int8's
+        # weight_scale, input_scale), through the same QKV shard mapping as the weight
+        quant_extras = quantization_layout(cfg, self.quantization_config).extras
         for stored_name, tensor in weights:
             name = canonical_name(stored_name)
-            if name not in expected:
+            if name not in expected and name not in quant_extras:
                 continue  # open_checkpoint already refused unknown tensors; skip known-ignorable buffers
             seen.add(name)
             if not cfg.is_built(name):
                 continue  # a layer (or its value-embedding table) past a stage prefix's exit
-            target = vllm_name(name)
-            for fused, part, shard in STACKED_PARAMS:
-                if f".attn.{part}." in name:
-                    target = target.replace(f".attn.{part}.", f".attn.{fused}.")
-                    if target in params:
-                        params[target].weight_loader(params[target], tensor, shard)
-                        loaded.add(target)
-                    break
+            if name in quant_extras:
+                module, suffix = name.rsplit(".", 1)
+                target = vllm_name(f"{module}.weight").removesuffix("weight") + suffix
             else:
-                if target not in params:
-                    continue  # another pipeline stage owns it
-                param = params[target]
+                target = vllm_name(name)
+            stacked = next(((f, part, s) for f, part, s in STACKED_PARAMS if f".attn.{part}." in name), None)
+            shard = None
+            if stacked is not None:
+                fused, part, shard = stacked
+                target = target.replace(f".attn.{part}.", f".attn.{fused}.")
+            if target not in params:
+                if name in quant_extras and target.rsplit(".", 1)[0] + ".weight" in params:
+                    raise CheckpointError(f"{name}: vLLM built this layer without the checkpoint's quantization "
+                                          "scheme (its quant_config did not reach it)")
+                continue  # another pipeline stage owns it
+            param = params[target]
+            if shard is not None:
+                param.weight_loader(param, tensor, shard)
+            else:
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(target)
+            loaded.add(target)
         missing = [n for n in expected if n not in seen]
         if missing:
             raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
