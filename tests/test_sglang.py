@@ -26,6 +26,7 @@ pytestmark = pytest.mark.sglang
 import requests  # noqa: E402
 import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
 
+from cognica.chat import TEMPLATE_PATH  # noqa: E402
 from cognica.factory import make_checkpoint  # noqa: E402
 from cognica.model import load_reference  # noqa: E402
 from tests.server_utils import (  # noqa: E402
@@ -208,12 +209,37 @@ def server(tmp_path_factory, engines):
     port = free_port()
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
            "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192"]
+           "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192",
+           "--chat-template", str(TEMPLATE_PATH)]  # the opt-in nanochat template, as the README says
     log = tmp_path_factory.mktemp("log") / "server.log"
     # no SGLANG_EXTERNAL_MODEL_PACKAGE: the server must find the model through the entry point alone
     with serve(cmd, "default", port, log, unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=300,
                model_dir=model_dir) as s:
         yield s
+
+
+def test_chat_completion_with_the_nanochat_template_matches_reference(server, ref):
+    """`--chat-template "$(cognica chat-template)"`: the prompt is the template's ids (BOS once) and the answer is
+    the reference's greedy continuation of them, cut at the first special token (the stop token ends a turn)."""
+    from transformers import AutoTokenizer
+
+    from cognica.chat import STOP_TOKEN, chat_template
+    from cognica.hf import register
+
+    register()
+    tok = AutoTokenizer.from_pretrained(server.model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital?"}]
+    ids = tok.apply_chat_template(messages, chat_template=chat_template(), add_generation_prompt=True,
+                                  tokenize=True, return_dict=False)  # fmt: skip
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    body = {"model": "default", "messages": messages, "temperature": 0, "max_tokens": 10, "stop": [STOP_TOKEN]}
+    r = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(ids), (r.json()["usage"], len(ids))
+    expected = ref.generate([ids], r.json()["usage"]["completion_tokens"])[0]
+    special = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(STOP_TOKEN)}
+    cut = next((i for i, t in enumerate(expected) if t in special), len(expected))
+    assert r.json()["choices"][0]["message"]["content"] == tok.decode(expected[:cut]), (expected, r.json())
 
 
 def completions(url: str, **body) -> requests.Response:
