@@ -29,7 +29,7 @@ step gpu-check-dry-run .venv/vllm/bin/python -m pytest -q tests/test_gpu_check.p
 step vllm .venv/vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_eager.py \
   tests/test_vllm_release_shape.py tests/test_vllm_parallel.py tests/test_vllm_server.py tests/test_vllm_cuda_paths.py \
   tests/test_first_use_vllm.py tests/test_vllm_poe.py tests/test_vllm_config_checks.py tests/test_vllm_lora.py \
-  tests/test_embedding_mode_vllm.py tests/test_vllm_request_options.py
+  tests/test_embedding_mode_vllm.py tests/test_vllm_request_options.py tests/test_vllm_quant.py
 step sglang env SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest -q \
   tests/test_sglang.py tests/test_sglang_cuda_paths.py tests/test_tokenizer.py tests/test_first_use_sglang.py \
   tests/test_sglang_poe.py tests/test_sglang_release_shape.py \
