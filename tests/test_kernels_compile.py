@@ -191,13 +191,13 @@ def _production_launches():
         return lambda: relu2.relu2_triton(torch.zeros(m, 6144, dtype=dt))  # the relu^2 between c_fc and c_proj
 
     out = []
+    q_lens = (2, 4, 8, 16, 32, 64, 512)  # prefill / chunks / mixed steps: BLOCK_Q follows max_query_len to the tile
     for window, layer in ((512, "S"), (None, "L")):
-        for batch in (1, 32, 256):
+        for batch in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):  # vLLM's CUDA-graph capture sizes: split-K varies
             out.append((f"vllm decode {layer} b{batch}", vllm(batch, 1, window)))
-        # prefill / chunked prefill / mixed steps: BLOCK_Q follows max_query_len up to the full tile
-        for q_len in (2, 8, 32, 64, 512):
+        for q_len in q_lens:
             out.append((f"vllm prefill {layer} q{q_len}", vllm(2, q_len, window)))
-        for q_len in (1, 8, 512):
+        for q_len in (1, *q_lens):  # SGLang runs our kernel for EXTEND batches (prefill), decode stays its own
             out.append((f"sglang extend {layer} q{q_len}", sglang(2, q_len, window)))
     out.append(("relu2 M8192", mlp(8192)))
     return out
