@@ -24,6 +24,9 @@ query's window start, `first_position - window_left`, to its last query, with an
 outside that range are never loaded (the loads are masked), so a windowed decode step costs O(window), not
 O(context). Query heads that share a KV head are packed into one tile, so GQA loads each key once per tile.
 Decode can split the key range over several programs (split-K) and merge the partial softmaxes in a second kernel.
+The key loop is software-pipelined (`tl.range`, `NUM_STAGES`): block-table entries two tiles ahead, K/V in two-slot
+shared buffers, so the next tile's copies are in flight during the current tile's dots. Tiles and warps per
+architecture: `kernel_variant`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""Every Triton kernel lowers to PTX and a cubin for sm_80 (A100) and sm_90 (H100), with no GPU present.
+"""Every Triton kernel lowers to PTX and a cubin for sm_80 (A100) and sm_90 (H100), with no GPU present, and the
+variants production launches compile without spills at >= 25 % occupancy with a double-buffered decode loop.
+
+Two checks. `test_every_kernel_lowers_...` compiles hand-written configurations (GQA, head_dim 64, fp32) for
+legality. `test_production_variants_...` runs the real launchers at the model's production shapes and strides (vLLM's
+KV view, SGLang's token pool) with `JITFunction.run` replaced by a recorder, applies Triton's own launch-time
+specialisation to each recorded call and compiles what a launch would compile; `python tests/test_kernels_compile.py
+--table` prints its table (docs/performance.md, "Compiled variants").
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs Triton's bundled LLVM and ptxas. It
 cannot run in a process where `TRITON_INTERPRET=1` was set before the kernels were defined (test_kernels.py sets
@@ -104,20 +111,7 @@ def _compile_all(cc: int) -> dict[str, dict[str, object]]:
 
 
 def test_every_kernel_lowers_to_cubin_for_sm80_and_sm90(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # a cold cache: every kernel really compiles
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    procs = {  # one process per target, in parallel
-        cc: subprocess.Popen(
-            [sys.executable, __file__, str(cc)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for cc in TARGETS
-    }
-    report: dict[str, dict[str, object]] = {}
-    for cc, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{cc} compile subprocess failed:\n{stderr[-4000:]}"
-        report.update(json.loads(stdout.strip().splitlines()[-1]))
+    report = _run_targets("legality", str(tmp_path / "triton-cache"))
     expected = len(_variants()) * len(TARGETS)
     assert len(report) == expected, f"expected {expected} compiled variants, got {len(report)}"
     errors = {k: v["error"] for k, v in report.items() if "error" in v}
@@ -398,5 +392,5 @@ if __name__ == "__main__":
             print(format_table(_run_targets("production", d)))
     elif sys.argv[1] == "production":
         print(json.dumps(_compile_production(int(sys.argv[2]))))
-    else:
+    else:  # legality CC
         print(json.dumps(_compile_all(int(sys.argv[-1]))))
