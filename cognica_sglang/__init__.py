@@ -39,7 +39,7 @@ def _check_stage_options(server_args: Any, hf_config: Any) -> dict:
     from cognica.hf import cognica_config
 
     cfg = cognica_config(hf_config)  # ConfigError, e.g. a stage exit on a poe_mode="none" (BP) checkpoint without force
-    if resolving_view(server_args).is_embedding and cfg.poe_head == "logop":
+    if cfg.poe_head == "logop" and getattr(resolving_view(server_args), "is_embedding", False):
         raise ValueError("cognica: --is-embedding pools the final hidden state, which the Log-OP head "
                          "(poe_head='logop') does not have (it combines several stage ends); serve it without "
                          "poe_head='logop'")
