@@ -6,15 +6,10 @@ Each op has one public entry that runs Triton on CUDA tensors and its plain-torc
 elementwise `relu2` is reached as `cognica_kernels.relu2.relu2`: exporting it here would shadow its module.
 """
 
-from .attention import (
-    block_table_from_req_to_token,
-    paged_attention,
-    paged_attention_reference,
-    token_pool_attention,
-    token_pool_decode_attention,
-)
+from .attention import paged_attention, paged_attention_reference
 from .dispatch import KERNELS_ENV, KernelChoice, choose_kernel, kernel_setting, use_triton
 from .relu2 import HAS_TRITON, relu2_linear, relu2_linear_reference, relu2_reference, uses_triton
+from .token_pool import block_table_from_req_to_token, token_pool_attention, token_pool_decode_attention
 
 __all__ = [
     "HAS_TRITON",

@@ -13,11 +13,10 @@ Positions and windows: query i of a sequence with q_len new tokens sits at posit
 key s iff `t - window_left <= s <= t`. `window_left` counts the keys BEFORE the query (nanochat's and SGLang's
 unit; vLLM's sliding window is `window_left + 1`); the model's S layers use 512 (so 513 keys), `None` is full
 causal attention. GQA: query head h reads KV head `h // (num_heads // num_kv_heads)`. head_dim 64 or 128.
-Softcap (optional): `logits = softcap * tanh(logits / softcap)` after the scale, before the softmax.
 
 SGLang keeps one token pool `[num_slots, num_kv_heads, head_dim]` and `req_to_token[req, pos] = slot`: that is
-the same layout with `block_size = 1` and the `req_to_token` rows of the batch as the block table
-(`token_pool_attention`, `block_table_from_req_to_token`).
+the same layout with `block_size = 1` and the `req_to_token` rows of the batch as the block table; its adaptors
+and the batched CPU decode are in `cognica_kernels.token_pool`.
 
 The Triton kernel (one program per sequence x tile of queries x KV head x split) walks key tiles from the first
 query's window start, `first_position - window_left`, to its last query, with an online softmax in fp32. Keys
@@ -34,7 +33,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from .relu2 import HAS_TRITON, dot_precision, interpreting, uses_triton
 
@@ -52,12 +50,6 @@ _DEFAULT_SMS = 132  # H100 SXM: the split-K heuristic's SM count where no CUDA d
 
 
 @triton.jit
-def _tanh(x):
-    # tanh via exp (no libdevice in the interpreter); exp overflow to inf still gives +-1
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
 def _paged_attention_kernel(
     q_ptr,
     key_cache_ptr,
@@ -69,7 +61,6 @@ def _paged_attention_kernel(
     part_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, HEAD_DIM] fp32, split-K only
     part_ml_ptr,  # [num_tokens, num_heads, NUM_SPLITS, 2] fp32 (running max in log2 units, sum), split-K only
     scale,
-    softcap,
     window_left,
     num_heads,
     stride_qt,
@@ -91,7 +82,6 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr,
@@ -150,10 +140,7 @@ def _paged_attention_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if USE_SOFTCAP:
-            qk = softcap * _tanh(qk * (scale / softcap)) * 1.4426950408889634
-        else:
-            qk = qk * (scale * 1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
+        qk = qk * (scale * 1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
         visible = (
             s_valid[None, :] & (s[None, :] <= q_pos[:, None]) & (s[None, :] >= q_pos[:, None] - window_left)
         )
@@ -293,7 +280,6 @@ def paged_attention_triton(
     query_start_loc: torch.Tensor,
     scale: float,
     window_left: int | None,
-    softcap: float | None = None,
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
@@ -340,7 +326,7 @@ def paged_attention_triton(
     grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     _paged_attention_kernel[grid](
         q, key_cache, value_cache, block_table, seq_lens, query_start_loc, out, part_acc, part_ml,
-        scale, softcap if softcap is not None else 0.0,
+        scale,
         window_left if window_left is not None else _NO_WINDOW, num_heads,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -348,7 +334,6 @@ def paged_attention_triton(
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=variant["BLOCK_N"], NUM_SPLITS=num_splits,
-        USE_SOFTCAP=softcap is not None,
         DOT_FP32=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=variant["NUM_STAGES"],
         num_warps=variant["num_warps"], num_stages=variant["NUM_STAGES"],
@@ -370,7 +355,6 @@ def paged_attention_reference(
     query_start_loc: torch.Tensor,
     scale: float,
     window_left: int | None,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain-torch paged attention: gather each sequence's visible keys, masked softmax in fp32."""
     num_heads, num_kv_heads = q.shape[1], key_cache.shape[2]
@@ -389,8 +373,6 @@ def paged_attention_reference(
         k = key_cache[pages, key_pos % page_size].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
         v = value_cache[pages, key_pos % page_size].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
         logits = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k) * scale
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
         dist = torch.arange(first, seq_len, device=q.device)[:, None] - key_pos[None, :]  # query pos - key pos
         visible = dist >= 0
         if window_left is not None:
@@ -409,115 +391,19 @@ def paged_attention(
     query_start_loc: torch.Tensor,
     scale: float,
     window_left: int | None,
-    softcap: float | None = None,
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Causal (optionally windowed, soft-capped) paged attention: Triton on CUDA, the torch reference elsewhere.
+    """Causal (optionally windowed) paged attention: Triton on CUDA, the torch reference elsewhere.
 
     `max_query_len` / `max_seq_len` only spare the Triton path a host sync; the reference ignores them.
     """
     if uses_triton(q):
         return paged_attention_triton(
-            q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, window_left, softcap,
+            q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, window_left,
             max_query_len=max_query_len, max_seq_len=max_seq_len,
         )  # fmt: skip
     return paged_attention_reference(
-        q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, window_left, softcap
+        q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, window_left
     )
-
-
-def block_table_from_req_to_token(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor) -> torch.Tensor:
-    """SGLang's `req_to_token` rows of this batch, int32 `[batch, max_context_len]`: a block table of page size 1.
-
-    This copies `batch * max_context_len` int32 per call (the whole row, not only the used prefix).
-    """
-    return req_to_token.index_select(0, req_pool_indices.long()).to(torch.int32)
-
-
-def token_pool_attention(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_lens: torch.Tensor,
-    scale: float,
-    window_left: int | None,
-    softcap: float | None = None,
-    *,
-    max_query_len: int | None = None,
-    max_seq_len: int | None = None,
-) -> torch.Tensor:
-    """`paged_attention` over SGLang's token pool (`[num_slots, num_kv_heads, head_dim]`, page size 1).
-
-    `query_lens` is `[batch]` new tokens per sequence: `extend_seq_lens` in EXTEND mode, ones in DECODE mode.
-    `seq_lens` includes them, as SGLang's does. Slots are indices into the pool the K/V were written to.
-    `max_query_len` / `max_seq_len`: host-side maxima (e.g. from SGLang's `extend_seq_lens_cpu`), which spare the
-    Triton path a device sync per call.
-    """
-    block_table = block_table_from_req_to_token(req_to_token, req_pool_indices)
-    query_start_loc = F.pad(torch.cumsum(query_lens, 0), (1, 0)).to(torch.int32)
-    return paged_attention(
-        q, k_pool.unsqueeze(1), v_pool.unsqueeze(1), block_table, seq_lens.to(torch.int32), query_start_loc,
-        scale, window_left, softcap, max_query_len=max_query_len, max_seq_len=max_seq_len,
-    )  # fmt: skip
-
-
-def token_pool_decode_attention(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    window_left: int | None,
-    softcap: float | None = None,
-    max_keys_per_chunk: int = 1 << 15,
-) -> torch.Tensor:
-    """Decode attention (one query per sequence) over SGLang's token pool in plain torch, batched.
-
-    The same result as `token_pool_attention` with one query per sequence, computed for the whole batch at once:
-    each sequence's last `min(seq_len, window_left + 1)` keys are gathered into a padded `[batch, span, kv_heads,
-    head_dim]` block (out-of-window keys are never read), then one masked fp32 softmax. For CPU decode, where a
-    loop over the sequences (the torch reference, SGLang's torch_native backend) costs more than the math.
-    Sequences are taken in chunks of at most `max_keys_per_chunk` gathered keys to bound the fp32 temporaries.
-    q `[batch, heads, head_dim]`, pools `[slots, kv_heads, head_dim]`, `seq_lens` including the new token.
-    """
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_pool.shape[1]
-    assert num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
-    group = num_heads // num_kv_heads
-    lens = seq_lens.to(torch.long)
-    span = (lens if window_left is None else lens.clamp(max=window_left + 1)).clamp(min=1)  # >= 1: no NaN rows
-    rows = req_to_token.index_select(0, req_pool_indices.long())
-    out = torch.empty_like(q)
-    start = 0
-    max_span = int(span.max()) if batch else 0
-    per_chunk = max(1, max_keys_per_chunk // max(1, max_span))
-    while start < batch:
-        end = min(batch, start + per_chunk)
-        s, n = span[start:end], lens[start:end]
-        width = int(s.max())
-        j = torch.arange(width, device=q.device)
-        valid = j[None, :] < s[:, None]  # [b, width]
-        pos = torch.where(valid, (n - s)[:, None] + j[None, :], 0)  # key positions, padding reads position 0
-        slots = rows[start:end].gather(1, pos.to(rows.device)).long()
-        flat, shape = slots.flatten(), (end - start, width, num_kv_heads, head_dim)
-        # one copy each: gathered [b, width, kv_heads, hd] -> fp32 [b, kv_heads, width, hd], contiguous
-        k = k_pool.index_select(0, flat).view(shape).transpose(1, 2).to(torch.float32,
-                                                                        memory_format=torch.contiguous_format)
-        v = v_pool.index_select(0, flat).view(shape).transpose(1, 2).to(torch.float32,
-                                                                        memory_format=torch.contiguous_format)
-        qg = q[start:end].float().view(end - start, num_kv_heads, group, head_dim)
-        logits = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [b, kv_heads, group, width]
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        y = torch.matmul(logits.softmax(-1), v)  # [b, kv_heads, group, head_dim]
-        out[start:end] = y.reshape(end - start, num_heads, head_dim).to(q.dtype)
-        start = end
-    return out

@@ -26,6 +26,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from cognica_kernels import attention as attn_ops  # noqa: E402
 from cognica_kernels import relu2 as relu2_ops  # noqa: E402
+from cognica_kernels import token_pool  # noqa: E402
 
 if not ON_GPU and not isinstance(relu2_ops._relu2_kernel, InterpretedFunction):
     # another test module imported the kernels before the variable was set: define them again, interpreted
@@ -165,34 +166,34 @@ MIXED_Q_LENS, MIXED_SEQ_LENS = [37, 1, 20, 5], [37, 17, 70, 5]
 
 
 @pytest.mark.parametrize(
-    "num_heads, num_kv_heads, head_dim, dtype_tol, window_left, softcap",
+    "num_heads, num_kv_heads, head_dim, dtype_tol, window_left",
     [
-        (4, 4, 128, FP32, None, None),
-        (4, 2, 64, BF16, 32, 5.0),
-        (4, 1, 64, FP32, 7, None),
-        (2, 2, 128, BF16, None, 2.0),
+        (4, 4, 128, FP32, None),
+        (4, 2, 64, BF16, 32),
+        (4, 1, 64, FP32, 7),
+        (2, 2, 128, BF16, None),
     ],
-    ids=["mha-hd128-fp32-full", "gqa-hd64-bf16-w32-softcap", "mqa-hd64-fp32-w7", "mha-hd128-bf16-full-softcap"],
+    ids=["mha-hd128-fp32-full", "gqa-hd64-bf16-w32", "mqa-hd64-fp32-w7", "mha-hd128-bf16-full"],
 )
-def test_prefill_mixed_batch_matches_reference(num_heads, num_kv_heads, head_dim, dtype_tol, window_left, softcap):
+def test_prefill_mixed_batch_matches_reference(num_heads, num_kv_heads, head_dim, dtype_tol, window_left):
     dtype, atol, rtol = dtype_tol
     batch = _paged_batch(MIXED_Q_LENS, MIXED_SEQ_LENS, num_heads, num_kv_heads, head_dim, dtype)
-    out = attn_ops.paged_attention_triton(*batch, window_left, softcap)
-    _assert_close(out, attn_ops.paged_attention_reference(*batch, window_left, softcap), atol, rtol, "prefill")
+    out = attn_ops.paged_attention_triton(*batch, window_left)
+    _assert_close(out, attn_ops.paged_attention_reference(*batch, window_left), atol, rtol, "prefill")
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize(
-    "num_heads, num_kv_heads, head_dim, dtype_tol, window_left, softcap",
-    [(4, 4, 128, FP32, 32, None), (8, 2, 64, BF16, None, 5.0)],
-    ids=["mha-hd128-fp32-w32", "gqa-hd64-bf16-full-softcap"],
+    "num_heads, num_kv_heads, head_dim, dtype_tol, window_left",
+    [(4, 4, 128, FP32, 32), (8, 2, 64, BF16, None)],
+    ids=["mha-hd128-fp32-w32", "gqa-hd64-bf16-full"],
 )
-def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, dtype_tol, window_left, softcap, num_splits):
+def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, dtype_tol, window_left, num_splits):
     dtype, atol, rtol = dtype_tol
     seq_lens = [1, 16, 17, 33, 100]  # a lone first token, page edges, context shorter and longer than the window
     batch = _paged_batch([1] * len(seq_lens), seq_lens, num_heads, num_kv_heads, head_dim, dtype)
-    out = attn_ops.paged_attention_triton(*batch, window_left, softcap, num_splits=num_splits)
-    _assert_close(out, attn_ops.paged_attention_reference(*batch, window_left, softcap), atol, rtol, "decode")
+    out = attn_ops.paged_attention_triton(*batch, window_left, num_splits=num_splits)
+    _assert_close(out, attn_ops.paged_attention_reference(*batch, window_left), atol, rtol, "decode")
 
 
 @pytest.mark.parametrize("window_left, q_len", [(32, 1), (512, 3)], ids=["w32-decode", "w512-chunk"])
@@ -252,8 +253,8 @@ def test_token_pool_layout_matches_paged_layout():
     q = torch.randn(sum(q_lens), num_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
     seq_t = torch.tensor(seq_lens, device=DEVICE)
     q_len_t = torch.tensor(q_lens, device=DEVICE)
-    args = (q, k_pool, v_pool, req_to_token, req_pool_indices, seq_t, q_len_t, head_dim**-0.5, 16, 5.0)
-    pooled = attn_ops.token_pool_attention(*args)
+    args = (q, k_pool, v_pool, req_to_token, req_pool_indices, seq_t, q_len_t, head_dim**-0.5, 16)
+    pooled = token_pool.token_pool_attention(*args)
 
     # the same keys copied into a contiguous page-16 cache, one page run per sequence
     page, max_pages = 16, 3
@@ -266,12 +267,12 @@ def test_token_pool_layout_matches_paged_layout():
     block_table = torch.arange(2 * max_pages, dtype=torch.int32, device=DEVICE).view(2, max_pages)
     qsl = F.pad(q_len_t.cumsum(0), (1, 0)).to(torch.int32)
     paged = (q, key_cache, value_cache, block_table, seq_t.to(torch.int32), qsl, head_dim**-0.5)
-    expected = attn_ops.paged_attention_reference(*paged, 16, 5.0)
+    expected = attn_ops.paged_attention_reference(*paged, 16)
     _assert_close(pooled, expected, *BF16[1:], "token_pool_attention vs the paged reference")
 
-    pool_table = attn_ops.block_table_from_req_to_token(req_to_token, req_pool_indices)
+    pool_table = token_pool.block_table_from_req_to_token(req_to_token, req_pool_indices)
     out = attn_ops.paged_attention_triton(
-        q, k_pool.unsqueeze(1), v_pool.unsqueeze(1), pool_table, seq_t.to(torch.int32), qsl, head_dim**-0.5, 16, 5.0
+        q, k_pool.unsqueeze(1), v_pool.unsqueeze(1), pool_table, seq_t.to(torch.int32), qsl, head_dim**-0.5, 16
     )
     _assert_close(out, expected, *BF16[1:], "the kernel over the token pool (page size 1)")
 
@@ -280,7 +281,7 @@ def test_token_pool_layout_matches_paged_layout():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_decode_over_the_token_pool_equals_the_reference(window, dtype):
     """The CPU decode path (one gather for the whole batch) against the per-sequence torch reference: windows
-    shorter and longer than the sequences, GQA, soft-cap, a sequence of one token, chunking of the batch."""
+    shorter and longer than the sequences, GQA, a sequence of one token, chunking of the batch."""
     torch.manual_seed(1)
     num_slots, num_kv_heads, head_dim, num_heads = 700, 2, 64, 6
     seq_lens = [1, 23, 90, 41, 64]
@@ -291,11 +292,11 @@ def test_batched_decode_over_the_token_pool_equals_the_reference(window, dtype):
     q = torch.randn(len(seq_lens), num_heads, head_dim, dtype=dtype)
     seq_t = torch.tensor(seq_lens)
     ones = torch.ones(len(seq_lens), dtype=torch.long)
-    expected = attn_ops.token_pool_attention(q, k_pool, v_pool, req_to_token, req_pool_indices, seq_t, ones,
-                                             head_dim**-0.5, window, 5.0)
+    expected = token_pool.token_pool_attention(q, k_pool, v_pool, req_to_token, req_pool_indices, seq_t, ones,
+                                               head_dim**-0.5, window)
     for chunk in (1 << 15, 100):  # 100 keys: one or two sequences per chunk
-        got = attn_ops.token_pool_decode_attention(q, k_pool, v_pool, req_to_token, req_pool_indices, seq_t,
-                                                   head_dim**-0.5, window, 5.0, max_keys_per_chunk=chunk)
+        got = token_pool.token_pool_decode_attention(q, k_pool, v_pool, req_to_token, req_pool_indices, seq_t,
+                                                     head_dim**-0.5, window, max_keys_per_chunk=chunk)
         assert got.dtype == dtype and not got.isnan().any()
         tol = (1e-5, 1e-5) if dtype == torch.float32 else BF16[1:]
         _assert_close(got, expected, *tol, f"batched decode, window {window}, chunk {chunk}")
@@ -309,9 +310,9 @@ def test_batched_decode_never_reads_out_of_window_slots():
     seq_t = torch.tensor([50])
     q = torch.randn(1, 2, 16)
     args = (req_to_token, torch.tensor([0]), seq_t, 0.25, 9)
-    clean = attn_ops.token_pool_decode_attention(q, k_pool, v_pool, *args)
+    clean = token_pool.token_pool_decode_attention(q, k_pool, v_pool, *args)
     k_pool[:40], v_pool[:40] = float("nan"), float("nan")  # keys 0..39 are outside the 10-key window of position 49
-    assert torch.equal(attn_ops.token_pool_decode_attention(q, k_pool, v_pool, *args), clean)
+    assert torch.equal(token_pool.token_pool_decode_attention(q, k_pool, v_pool, *args), clean)
 
 
 def test_decode_split_k_fills_the_gpu_by_its_own_sm_count():
@@ -341,8 +342,8 @@ def test_prefill_tiles_of_each_architecture_match_reference(monkeypatch, arch, w
     assert variant["NUM_STAGES"] == 5, "two-deep software pipelining of the block table and K/V"
     dtype, atol, rtol = BF16
     batch = _paged_batch([130, 40, 1], [130, 600, 300], 2, 2, 128, dtype)
-    out = attn_ops.paged_attention_triton(*batch, window_left, None)
-    _assert_close(out, attn_ops.paged_attention_reference(*batch, window_left, None), atol, rtol, f"sm_{arch} tiles")
+    out = attn_ops.paged_attention_triton(*batch, window_left)
+    _assert_close(out, attn_ops.paged_attention_reference(*batch, window_left), atol, rtol, f"sm_{arch} tiles")
 
 
 def test_decode_tiles_are_the_same_on_both_architectures():

@@ -41,23 +41,23 @@ def _variants() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
                 {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "DOT_FP32": False,
                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
             ))  # fmt: skip
-    # (label, dtype, head_dim, group, block_q, splits, softcap, page_size): decode and prefill tiles, MHA
-    # (the model) and GQA, both head dims, split-K, softcap, SGLang's page size 1.
+    # (label, dtype, head_dim, group, block_q, splits, page_size): decode and prefill tiles, MHA (the model) and
+    # GQA, both head dims, split-K, SGLang's page size 1.
     attn_cases = [
-        ("decode-mha-hd128-split4", "bf16", 128, 1, 1, 4, False, 16),
-        ("prefill-mha-hd128-softcap", "bf16", 128, 1, 64, 1, True, 16),
-        ("prefill-gqa4-hd64-page1", "bf16", 64, 4, 16, 1, False, 1),
-        ("decode-gqa8-hd128", "bf16", 128, 8, 1, 1, False, 32),
-        ("decode-mha-hd128-fp32", "fp32", 128, 1, 1, 1, False, 16),
+        ("decode-mha-hd128-split4", "bf16", 128, 1, 1, 4, 16),
+        ("prefill-mha-hd128", "bf16", 128, 1, 64, 1, 16),
+        ("prefill-gqa4-hd64-page1", "bf16", 64, 4, 16, 1, 1),
+        ("decode-gqa8-hd128", "bf16", 128, 8, 1, 1, 32),
+        ("decode-mha-hd128-fp32", "fp32", 128, 1, 1, 1, 16),
     ]
-    for label, dtype, head_dim, group, block_q, splits, softcap, page_size in attn_cases:
+    for label, dtype, head_dim, group, block_q, splits, page_size in attn_cases:
         group_p2 = 1 << (group - 1).bit_length()
         ptrs = {"q_ptr": dtype, "key_cache_ptr": dtype, "value_cache_ptr": dtype, "block_table_ptr": "i32",
                 "seq_lens_ptr": "i32", "query_start_loc_ptr": "i32", "out_ptr": dtype, "part_acc_ptr": "fp32",
                 "part_ml_ptr": "fp32"}  # fmt: skip
         consts = {"GROUP": group, "GROUP_P2": group_p2, "HEAD_DIM": head_dim, "PAGE_SIZE": page_size,
                   "BLOCK_Q": block_q, "BLOCK_M": max(16, block_q * group_p2), "BLOCK_N": 32, "NUM_SPLITS": splits,
-                  "USE_SOFTCAP": softcap, "DOT_FP32": False, "NUM_STAGES": 5,
+                  "DOT_FP32": False, "NUM_STAGES": 5,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}  # fmt: skip
         out.append((f"paged_attention/{label}", attention._paged_attention_kernel, ptrs, consts))
     for head_dim in (64, 128):
@@ -72,7 +72,7 @@ def _variants() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
 
 def _signature(kernel, ptrs: dict[str, str], consts: dict[str, object]) -> dict[str, str]:
     """Pointers as given, constexprs as such, the float scalars fp32 and every other argument i32."""
-    floats = {"scale", "softcap"}
+    floats = {"scale"}
     sig = {}
     for name in kernel.arg_names:
         if name in consts:
@@ -148,7 +148,7 @@ def _production_launches():
     128, 12 query = 12 KV heads, bf16, S layers window_left 512, L layers full, max_model_len 2048)."""
     import torch
 
-    from cognica_kernels import attention, relu2
+    from cognica_kernels import attention, relu2, token_pool
 
     heads, hd, dt, max_len = 12, 128, torch.bfloat16, 2048
 
@@ -176,7 +176,7 @@ def _production_launches():
             v_buf = torch.zeros(slots, heads, hd, dtype=dt)
             q = torch.zeros(batch * q_len, heads * hd, dtype=dt).view(-1, heads, hd)
             req_to_token = torch.zeros(batch + 1, max_len, dtype=torch.int32)
-            attention.token_pool_attention(q, k_buf, v_buf, req_to_token, torch.arange(batch),
+            token_pool.token_pool_attention(q, k_buf, v_buf, req_to_token, torch.arange(batch),
                                            torch.full((batch,), max_len), torch.full((batch,), q_len), hd**-0.5,
                                            window_left, max_query_len=q_len)
         return go
