@@ -22,8 +22,8 @@ import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
 
 from cognica.factory import make_checkpoint  # noqa: E402
 from cognica.model import CognicaGPT, load_reference  # noqa: E402
-from tests.server_utils import free_port, serve  # noqa: E402
-from tests.sglang_utils import random_prompt  # noqa: E402
+from tests.server_utils import free_port, reference_and_tokenizer, serve  # noqa: E402
+from tests.sglang_utils import BOS, random_prompt  # noqa: E402
 
 ATOL = 1e-4
 # a single token (no smear), short prompts, and 600 tokens: past the tiny preset's 256-key S window
@@ -77,6 +77,19 @@ def test_embeddings_equal_the_reference_final_hidden_state(server, model_dir):
         assert len(emb) == want.numel(), f"{len(ids)} tokens: embedding has {len(emb)} dims, expected {want.numel()}"
         err = (torch.tensor(emb) - want).abs().max().item()
         assert err < ATOL, f"{len(ids)} tokens: embedding off the reference's normed final hidden state by {err:.2e}"
+
+
+def test_text_input_is_embedded_with_bos_prepended_once(server, model_dir):
+    """A text input is tokenized as for generation, <|bos|> prepended once: its embedding is the reference's of
+    those ids."""
+    ref, tok = reference_and_tokenizer(model_dir)
+    text = "The capital of France is Paris."
+    ids = tok(text).input_ids
+    assert ids[0] == BOS and BOS not in ids[1:], f"precondition: the tokenizer should prepend <|bos|> once: {ids[:4]}"
+    r = requests.post(f"{server.url}/v1/embeddings", json={"model": "default", "input": text}, timeout=300)
+    assert r.status_code == 200, f"/v1/embeddings failed: {r.status_code}: {r.text[:500]}"
+    err = (torch.tensor(r.json()["data"][0]["embedding"]) - reference_embedding(ref, ids)).abs().max().item()
+    assert err < ATOL, f"a text input's embedding is off the reference's of <|bos|> + its tokens by {err:.2e}"
 
 
 def test_embedding_of_a_prompt_alone_equals_it_in_a_batch(server):

@@ -17,7 +17,7 @@ from vllm.engine.arg_utils import EngineArgs
 
 from cognica.factory import make_checkpoint
 from cognica.model import CognicaGPT, load_reference
-from tests.server_utils import free_port, serve
+from tests.server_utils import free_port, reference_and_tokenizer, serve
 from tests.utils import random_prompts
 
 ATOL = 1e-4
@@ -64,6 +64,19 @@ def test_embeddings_equal_the_reference_final_hidden_state(server, tiny_ckpt):
         assert len(emb) == want.numel(), f"{len(ids)} tokens: embedding has {len(emb)} dims, expected {want.numel()}"
         err = (torch.tensor(emb) - want).abs().max().item()
         assert err < ATOL, f"{len(ids)} tokens: embedding off the reference's normed final hidden state by {err:.2e}"
+
+
+def test_text_input_is_embedded_with_bos_prepended_once(server, tiny_ckpt):
+    """A text input is tokenized as for generation, <|bos|> prepended once: its embedding is the reference's of
+    those ids."""
+    ref, tok = reference_and_tokenizer(tiny_ckpt)
+    text = "The capital of France is Paris."
+    ids = tok(text).input_ids
+    assert ids[0] == BOS and BOS not in ids[1:], f"precondition: the tokenizer should prepend <|bos|> once: {ids[:4]}"
+    r = requests.post(f"{server.url}/v1/embeddings", json={"model": server.model, "input": text}, timeout=300)
+    assert r.status_code == 200, f"/v1/embeddings failed: {r.status_code}: {r.text[:500]}"
+    err = (torch.tensor(r.json()["data"][0]["embedding"]) - reference_embedding(ref, ids)).abs().max().item()
+    assert err < ATOL, f"a text input's embedding is off the reference's of <|bos|> + its tokens by {err:.2e}"
 
 
 def test_embedding_of_a_prompt_alone_equals_it_in_a_batch(server):
