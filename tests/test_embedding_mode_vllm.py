@@ -43,7 +43,7 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_ckpt), "--host",
            "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--block-size", "32", "--dtype", "float32",
-           "--max-num-batched-tokens", "256", "--enforce-eager", "--runner", "pooling"]
+           "--max-num-batched-tokens", "256", "--runner", "pooling"]  # compiled, as users run it
     log = tmp_path_factory.mktemp("vllm_embed") / "server.log"
     with serve(cmd, str(tiny_ckpt), port, log, {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
                model_dir=tiny_ckpt) as s:
