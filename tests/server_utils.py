@@ -339,6 +339,60 @@ def check_survives_disconnect(server: Server) -> None:
 SHORT_SOAK_PROMPTS = ["Hi", "A short one.", "word " * 300, "The quick brown fox " * 40, "x" * 700, "Numbers: 123 456"]
 
 
+SOAK_PROMPTS = [
+    "Hi", "The capital of France is", "Once upon a time, " * 8, "word " * 300, "def f(x):\n    return x\n" * 60,
+    "The quick brown fox jumps over the lazy dog. " * 60, "1 2 3 4 5 6 7 8 9 10 " * 40, "x" * 900,
+]
+
+
+def soak_server_cmd(engine: str, model: Path, port: int, dtype: str) -> tuple[list[str], dict[str, str]]:
+    """The CPU server command of `engine` for the long soak (context 2048, 16 sequences) and its environment."""
+    if engine == "vllm":
+        return ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host",
+                 HOST, "--port", str(port), "--max-model-len", "2048", "--gpu-memory-utilization", "0.3",
+                 "--max-num-seqs", "16", "--dtype", dtype], {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"})
+    return ([sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
+             "--attention-backend", "torch_native", "--host", HOST, "--port", str(port), "--dtype", dtype,
+             "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "32768"], {})
+
+
+def long_soak(engine: str, workdir: Path) -> dict:
+    """The long soak (`pytest -m slow`): SOAK_REQUESTS (200) requests, SOAK_CONCURRENCY (16) at a time, mixed
+    lengths past the 512-key window, half streamed, SOAK_DTYPE (float32) on the `small` factory checkpoint; every
+    greedy answer compared with the same request alone; RSS before and after. Appends one JSON line to
+    benchmarks/results/soak.jsonl and prints the table row."""
+    import platform
+
+    from cognica.factory import make_checkpoint
+    from cognica.tokenizer import convert_tokenizer
+
+    n, conc = int(os.environ.get("SOAK_REQUESTS", 200)), int(os.environ.get("SOAK_CONCURRENCY", 16))
+    dtype, max_tokens = os.environ.get("SOAK_DTYPE", "float32"), int(os.environ.get("SOAK_MAX_TOKENS", 16))
+    model = make_checkpoint(workdir / "small", preset="small", seed=0, progress=False)
+    convert_tokenizer(model)
+    port = free_port()
+    cmd, env = soak_server_cmd(engine, model, port, dtype)
+    with serve(cmd, "default" if engine == "sglang" else str(model), port, workdir / "server.log", env,
+               startup_s=900) as server:  # fmt: skip
+        stats = soak(server, SOAK_PROMPTS, n, conc, max_tokens, deadline_s=1800)
+    root = Path(__file__).resolve().parent.parent
+    stats.update(engine=engine, preset="small", dtype=dtype, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                 machine=f"{platform.machine()} {platform.processor()} cores={os.cpu_count()}",
+                 commit=subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip())  # fmt: skip
+    stats["mismatches"] = len(stats["mismatches"])
+    print("\n| engine | dtype | requests | concurrency | answered | failures | greedy mismatches | max latency s "
+          "| wall s | RSS before MiB | RSS after MiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+          f"| {engine} | {dtype} | {stats['requests']} | {stats['concurrency']} | {stats['answered']} | "
+          f"{stats['failures']} | {stats['mismatches']} | {stats['max_latency_s']:.1f} | {stats['wall_s']:.0f} | "
+          f"{stats['rss_before_mib']:.0f} | {stats['rss_after_mib']:.0f} |")  # fmt: skip
+    out = root / "benchmarks" / "results" / "soak.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    return stats
+
+
 def check_short_soak(server: Server) -> None:
     """24 greedy requests, 8 concurrent, half streamed, some past the window: all answered, each equal to the same
     request alone."""
