@@ -93,7 +93,7 @@ def make_weights(cfg: CognicaConfig, seed: int, dtype: torch.dtype = torch.bfloa
 def write_tokenizer_files(out: Path, seed: int = 0) -> None:
     """tokenizer.pkl (a pickled tiktoken Encoding, as nanochat writes it), token_bytes.pt, and the
     published tokenizer_config.json / special_tokens_map.json (with their remote-code auto_map)."""
-    from cognica.tokenizer import train_factory_encoding, write_token_bytes
+    from cognica.factory_tokenizer import train_factory_encoding, write_token_bytes
 
     enc = train_factory_encoding(seed)
     with open(out / "tokenizer.pkl", "wb") as f:

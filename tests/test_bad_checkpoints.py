@@ -129,7 +129,7 @@ def encoding_state_pickle(state: object) -> bytes:
 
 
 def duplicate_ranks(ckpt: Path, parent: Path) -> None:
-    from cognica.tokenizer import train_factory_encoding
+    from cognica.factory_tokenizer import train_factory_encoding
 
     state = train_factory_encoding(0).__getstate__()
     ranks = dict(state["mergeable_ranks"])

@@ -16,7 +16,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from cognica.chat import STOP_TOKEN, TEMPLATE_PATH, chat_template
-from cognica.tokenizer import convert_tokenizer, register_tokenizer, train_factory_encoding
+from cognica.factory_tokenizer import train_factory_encoding
+from cognica.tokenizer import convert_tokenizer, register_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}],

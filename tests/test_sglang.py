@@ -156,7 +156,7 @@ def test_radix_hit_on_a_finished_request_continues_decode(fp32, ref):
 def test_bits_per_byte_matches_reference(fp32, ckpt):
     """`cognica bpb --engine sglang` scores text like the reference, to 1e-3 bits per byte."""
     from cognica.bpb import WINDOW_MARGIN, bits_per_byte, reference_logprobs, split_windows
-    from cognica.tokenizer import train_factory_encoding
+    from cognica.factory_tokenizer import train_factory_encoding
     from cognica_sglang.bpb import prompt_logprobs
 
     enc = train_factory_encoding(0)  # the tiny checkpoint here is written without tokenizer files

@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
+from cognica.factory_tokenizer import train_factory_encoding, write_token_bytes
 from cognica.tokenizer import (
     BOS,
     N_RANKS,
@@ -30,8 +31,6 @@ from cognica.tokenizer import (
     converted_tokenizer,
     load_tiktoken_pickle,
     register_tokenizer,
-    train_factory_encoding,
-    write_token_bytes,
 )
 from tests.hub_fixture import CACHE_DAMAGES, damage_cache_entry, make_hostile, run_python, unwritable_cache_dir
 
