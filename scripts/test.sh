@@ -17,23 +17,17 @@ step() {  # name, command...
 }
 
 step ruff .venv/vllm/bin/ruff check cognica cognica_vllm cognica_sglang kernels tests benchmarks
-step core .venv/vllm/bin/python -m pytest -q tests/test_config.py tests/test_checkpoint.py tests/test_model.py \
-  tests/test_tokenizer.py tests/test_cli.py tests/test_bad_checkpoints.py tests/test_fuzz.py tests/test_cpu_linear.py \
-  tests/test_upstream_oracle.py tests/test_poe.py tests/test_first_use.py tests/test_kernel_dispatch.py \
-  tests/test_chat_template.py
+# Each step selects by marker over tests/ (tests/conftest.py: every module names its step in a `pytestmark` line;
+# modules of other steps are not imported, and a module with no step marker fails the collection).
+step core .venv/vllm/bin/python -m pytest -q -m core tests
 # the interpreter must be chosen before triton is imported, so the kernel tests get their own process
-step kernels env TRITON_INTERPRET=1 .venv/vllm/bin/python -m pytest -q tests/test_kernels.py
-step kernels-compile .venv/vllm/bin/python -m pytest -q tests/test_kernels_compile.py
-# scripts/gpu_check.sh --dry-run (the GPU check's steps at tiny shapes on CPU, Triton interpreted): 36 s of CPU, 3 min at load 30
-step gpu-check-dry-run .venv/vllm/bin/python -m pytest -q tests/test_gpu_check.py
-step vllm .venv/vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_eager.py \
-  tests/test_vllm_release_shape.py tests/test_vllm_parallel.py tests/test_vllm_server.py tests/test_vllm_cuda_paths.py \
-  tests/test_first_use_vllm.py tests/test_vllm_poe.py tests/test_vllm_config_checks.py tests/test_vllm_lora.py \
-  tests/test_embedding_mode_vllm.py tests/test_vllm_request_options.py tests/test_vllm_quant.py
+step kernels env TRITON_INTERPRET=1 .venv/vllm/bin/python -m pytest -q -m kernels tests
+step kernels-compile .venv/vllm/bin/python -m pytest -q -m kernels_compile tests
+# scripts/gpu_check.sh --dry-run (the GPU check's steps at tiny shapes on CPU, Triton interpreted)
+step gpu-check-dry-run .venv/vllm/bin/python -m pytest -q -m gpu_check tests
+step vllm .venv/vllm/bin/python -m pytest -q -m "vllm and not slow" tests
 step sglang env SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest -q \
-  tests/test_sglang.py tests/test_sglang_cuda_paths.py tests/test_tokenizer.py tests/test_first_use_sglang.py \
-  tests/test_sglang_poe.py tests/test_sglang_release_shape.py \
-  tests/test_embedding_mode_sglang.py tests/test_sglang_request_options.py
+  -m "sglang and not slow" tests
 
 echo "=== all tests: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
 exit $status

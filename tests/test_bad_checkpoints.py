@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from cognica import cli
 from cognica.factory import make_checkpoint
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 MARKER = "PWNED"  # hostile pickles try to create this file next to the corpus
 
 

@@ -19,6 +19,8 @@ from cognica.chat import STOP_TOKEN, TEMPLATE_PATH, chat_template
 from cognica.factory_tokenizer import train_factory_encoding
 from cognica.tokenizer import convert_tokenizer, register_tokenizer
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour.\nOne word."}],

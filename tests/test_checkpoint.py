@@ -20,6 +20,8 @@ from cognica.config import CognicaConfig, ConfigError
 from cognica.factory import make_checkpoint
 from cognica.model import load_reference
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 SMALL = {"vocab_size": 64, "sequence_len": 64}  # tiny preset with a 64-token vocab: a ~1 MB file
 IDS = torch.tensor([[1, 5, 9, 33, 2, 60, 7, 7]])
 

@@ -19,6 +19,8 @@ from cognica.bpb import bits_per_byte, evaluate_bpb, split_windows
 from cognica.model import load_reference
 from cognica.tokenizer import BOS, load_tiktoken_pickle
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 TEXT = "The quick brown fox jumps over the lazy dog.\ndef f(x):\n    return x ** 2  # naïve 日本\n"
 OVERRIDES = '{"architectures": ["CognicaPoEForCausalLM"], "model_type": "cognica_poe"}'
 

@@ -7,6 +7,8 @@ import pytest
 
 from cognica.config import CognicaConfig, ConfigError
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 NANOCHAT = {"n_layer": 24, "n_head": 12, "n_kv_head": 12, "n_embd": 1536, "vocab_size": 32768, "sequence_len": 2048,
             "window_pattern": "SSSL"}
 HF = {"num_hidden_layers": 24, "num_attention_heads": 12, "num_key_value_heads": 12, "hidden_size": 1536,

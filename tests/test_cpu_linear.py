@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from cognica_kernels import cpu_linear
 from cognica_kernels.cpu_linear import UpcastLinear, upcast_linear_reference
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 
 def _data(rows: int, dtype: torch.dtype, bias: bool = False, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

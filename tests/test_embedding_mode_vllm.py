@@ -20,6 +20,8 @@ from cognica.model import CognicaGPT, load_reference
 from tests.server_utils import free_port, reference_and_tokenizer, serve
 from tests.utils import random_prompts
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 ATOL = 1e-4
 BOS = 32759
 # a single token (no smear), short prompts, and 600 tokens: past the tiny preset's 256-key S window

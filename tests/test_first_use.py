@@ -24,6 +24,8 @@ from tests.hub_fixture import (
     snapshot_state,
 )
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 BOS_ID = 32759
 CONVERTED = "cognica: converted"  # the one line a conversion logs (cognica.tokenizer.converted_tokenizer)
 

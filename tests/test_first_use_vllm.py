@@ -25,6 +25,8 @@ from tests.hub_fixture import (
 from tests.server_utils import KV_ALLOCATION_LOG, free_port, serve
 from tests.utils import assert_fp32_parity
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 BOS_ID = 32759
 CONVERTED = "cognica: converted"
 

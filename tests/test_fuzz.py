@@ -19,6 +19,8 @@ from cognica.checkpoint import CheckpointError, read_safetensors_header
 from cognica.config import _ALIASES, POE_MODES, CognicaConfig, ConfigError
 from cognica.tokenizer import TokenizerError, load_tiktoken_pickle, make_encoding
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TRIPWIRE_CALLS: list[object] = []
 

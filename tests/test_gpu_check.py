@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.gpu_check  # the scripts/test.sh step(s) that run this file
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 KERNEL_FIELDS = {"name", "ms", "torch_ms", "bytes", "flops", "gbps", "pct_copy", "tflops", "pct_floor",

@@ -10,6 +10,8 @@ import pytest
 from cognica_kernels import dispatch
 from cognica_kernels.dispatch import OPS, choose_kernel, kernel_setting, use_triton
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 H100 = "NVIDIA H100 80GB HBM3"
 
 

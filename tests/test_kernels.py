@@ -28,6 +28,8 @@ from cognica_kernels import attention as attn_ops  # noqa: E402
 from cognica_kernels import relu2 as relu2_ops  # noqa: E402
 from cognica_kernels import token_pool  # noqa: E402
 
+pytestmark = pytest.mark.kernels  # the scripts/test.sh step(s) that run this file
+
 if not ON_GPU and not isinstance(relu2_ops._relu2_kernel, InterpretedFunction):
     # another test module imported the kernels before the variable was set: define them again, interpreted
     relu2_ops = importlib.reload(relu2_ops)

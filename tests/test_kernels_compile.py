@@ -20,6 +20,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.kernels_compile  # the scripts/test.sh step(s) that run this file
+
 TARGETS = (80, 90)
 
 

@@ -12,6 +12,8 @@ from cognica import layers
 from cognica.config import ROPE_BASE
 from cognica.model import CognicaGPT, KVCache, load_reference
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 MARGIN = 0.05  # a feature set to its identity must move some logit by more than this
 
 

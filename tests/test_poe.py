@@ -19,6 +19,8 @@ from cognica.config import LOGIT_SOFTCAP, CognicaConfig, ConfigError
 from cognica.factory import make_checkpoint
 from cognica.model import CognicaGPT, load_reference
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 POE_EVERY = 2
 N_LAYER = 8
 SEQ = 320  # past the tiny preset's 256-key S window

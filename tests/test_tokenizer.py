@@ -34,6 +34,8 @@ from cognica.tokenizer import (
 )
 from tests.hub_fixture import CACHE_DAMAGES, damage_cache_entry, make_hostile, run_python, unwritable_cache_dir
 
+pytestmark = [pytest.mark.core, pytest.mark.sglang]  # the scripts/test.sh step(s) that run this file
+
 BOS_ID = 32759
 PUBLISHED_CONFIG = {"tokenizer_class": "NanoChatTokenizer", "auto_map": {"AutoTokenizer": ["missing.X", None]}}
 

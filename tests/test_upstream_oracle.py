@@ -23,6 +23,8 @@ from safetensors import safe_open
 from cognica.factory import PRESETS, make_checkpoint
 from cognica.model import CognicaGPT, load_reference
 
+pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
+
 GOLDEN = Path(__file__).parent / "golden" / "upstream_nanochat_a825e63.safetensors"
 ATOL = 1e-4  # both sides run float32 on CPU; measured differences are ~1e-6
 

@@ -35,6 +35,8 @@ from vllm import LLM  # noqa: E402  (after the env defaults above)
 from tests.vllm_utils import check_prefix_cache_hit_then_decode, prompt_logprobs  # noqa: E402
 from tests.vllm_utils import run as run_n  # noqa: E402
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 CHUNK = 64  # max_num_batched_tokens: every prompt longer than this is prefilled in chunks
 NEW = 24
 

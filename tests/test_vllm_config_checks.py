@@ -11,6 +11,8 @@ from vllm.engine.arg_utils import EngineArgs
 
 from cognica.factory import make_checkpoint
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 SPEC = {"method": "draft_model", "num_speculative_tokens": 3}
 
 

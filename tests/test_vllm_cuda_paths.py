@@ -24,6 +24,8 @@ from cognica_kernels.attention import kernel_variant
 from cognica_vllm import attention, smear
 from cognica_vllm.forward_context import split_graph_at
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 STATE, FULL_LAYER = "model.smear", "model.layers.3.attn.attn"
 NUM_KV_HEADS, HEAD_SIZE = 2, 8
 

@@ -28,6 +28,8 @@ from vllm import LLM  # noqa: E402  (after the env defaults above)
 
 from tests.vllm_utils import answer, generate, preemptions  # noqa: E402
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 CHUNK = 64
 # 32-token blocks from one shared pool, drawn by 4 KV-cache groups of one layer each, 1 full + 3 sliding
 # (vllm/v1/core/kv_cache_utils.py:1362). A 1024-token request needs 32 full + 3 x 11 sliding = 65 blocks

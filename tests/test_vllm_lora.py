@@ -31,6 +31,8 @@ from vllm.lora.request import LoRARequest  # noqa: E402
 
 from tests.vllm_utils import greedy, prompt_logprobs  # noqa: E402
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 CHUNK = 64
 NEW = 16
 RANK = 8

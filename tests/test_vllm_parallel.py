@@ -23,6 +23,8 @@ from cognica.factory import make_checkpoint
 from cognica.model import load_reference
 from tests.utils import assert_fp32_parity, random_prompts
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 

@@ -32,6 +32,8 @@ from vllm import LLM  # noqa: E402  (after the env defaults above)
 from tests.vllm_utils import check_prefix_cache_hit_then_decode  # noqa: E402
 from tests.vllm_utils import run as run_n  # noqa: E402
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 CHUNK = 64
 NEW = 24
 LONG, SHORT, CROSS = random_prompts([420, 9, 240], seed=11)  # CROSS decodes across the 256-key window

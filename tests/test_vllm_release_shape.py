@@ -30,6 +30,8 @@ from tests.vllm_utils import answer  # noqa: E402
 from tests.vllm_utils import generate as generate_n  # noqa: E402
 from tests.vllm_utils import prompt_logprobs as prompt_logprobs_of  # noqa: E402
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 CONTEXT = 2048
 CHUNK = 128  # max_num_batched_tokens: a 2,040-token prompt is prefilled in 16 chunks
 

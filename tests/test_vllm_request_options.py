@@ -20,6 +20,8 @@ import torch
 
 from tests.server_utils import KV_ALLOCATION_LOG, error_message, free_port, reference_text, serve
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 PLAIN = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 JSON_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 

@@ -27,6 +27,8 @@ from tests.server_utils import (
 )
 from tests.utils import assert_fp32_parity
 
+pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
+
 BOS = 32759
 
 
