@@ -31,7 +31,8 @@ def _hybrid_swa_override(server_args: Any, hf_config: Any) -> dict:
 
 
 def _check_stage_options(server_args: Any, hf_config: Any) -> dict:
-    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`) in the first process:
+    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`), and refuse LoRA and
+    the Log-OP head in embedding mode, in the first process:
     SGLang calls model overrides on the config with those args applied (sglang/srt/arg_groups/model_hook.py:166, 233),
     before any scheduler starts; a refusal raised later, in the scheduler, only kills the engine (SIGQUIT)."""
     from sglang.srt.arg_groups.model_override_base import resolving_view
@@ -39,7 +40,13 @@ def _check_stage_options(server_args: Any, hf_config: Any) -> dict:
     from cognica.hf import cognica_config
 
     cfg = cognica_config(hf_config)  # ConfigError, e.g. a stage exit on a poe_mode="none" (BP) checkpoint without force
-    if cfg.poe_head == "logop" and getattr(resolving_view(server_args), "is_embedding", False):
+    view = resolving_view(server_args)
+    if getattr(view, "enable_lora", False) or getattr(view, "lora_paths", None):
+        # SGLang's LoRAManager asks the model for get_hidden_dim / module-name mappings we do not provide yet; left
+        # alone it fails later with "get_hidden_dim not implemented for c_q" (or, worse, adapts the wrong rows)
+        raise ValueError("cognica: LoRA adapters are not supported on SGLang yet (--enable-lora / --lora-paths); "
+                         "vLLM serves them: vllm serve DIR --enable-lora --lora-modules NAME=ADAPTER")
+    if cfg.poe_head == "logop" and getattr(view, "is_embedding", False):
         raise ValueError("cognica: --is-embedding pools the final hidden state, which the Log-OP head "
                          "(poe_head='logop') does not have (it combines several stage ends); serve it without "
                          "poe_head='logop'")
