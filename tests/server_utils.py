@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import requests
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
     from cognica.model import CognicaGPT
@@ -193,6 +194,91 @@ def error_message(r: requests.Response) -> str:
     if isinstance(err, dict):
         return str(err.get("message") or "")
     return str(body.get("message") or body.get("detail") or err or "") if isinstance(body, dict) else ""
+
+
+def check_request_option(server: Server, engine: str, name: str, request_: tuple[str, dict], expect: str,
+                         plain: dict, plain_answer: str, record_property: Callable[[str, str], None]) -> None:
+    """One request option of tests/test_{vllm,sglang}_request_options.py: a 200 or a 4xx with a message (a stream
+    not ending in an error), the outcome `expect` pinned ("ok", "4xx" or "any"), and after it a plain greedy
+    completion `plain` still equal to the reference's `plain_answer`."""
+    import pytest
+
+    path, body = request_
+    try:
+        r = requests.post(f"{server.url}{path}", json={"model": server.model, **body}, timeout=300)
+    except requests.ConnectionError as e:
+        pytest.fail(f"{name}: the connection dropped: {e}")
+    code = r.status_code
+    record_property("status", f"{code} {error_message(r)[:160]}")  # --junitxml: what each option did
+    assert code == 200 or 400 <= code < 500, f"{name}: got {code}: {r.text[:300]}"
+    if code != 200:
+        assert error_message(r), f"{name}: a {code} must carry a message: {r.text[:300]}"
+    elif body.get("stream"):
+        assert 'data: {"error"' not in r.text, f"{name}: the stream ended in an error: {r.text[-300:]}"
+    if expect == "ok":
+        assert code == 200, f"{name}: {engine} answered this option before; now {code}: {r.text[:300]}"
+    elif expect == "4xx":
+        assert 400 <= code < 500, f"{name}: {engine} refused this option before; now {code}: {r.text[:300]}"
+    after = server.complete(**plain)
+    assert after.status_code == 200, f"server stopped serving after {name}: {after.status_code}: {after.text[:300]}"
+    text = after.json()["choices"][0]["text"]
+    assert text == plain_answer, f"after {name}, a plain greedy completion is {text!r}, the reference's " \
+        f"{plain_answer!r}"
+
+
+# ---- embedding mode (tests/test_embedding_mode_{vllm,sglang}.py) --------------------------------------------
+
+
+def reference_embedding(ref: CognicaGPT, ids: list[int]) -> torch.Tensor:
+    """The reference's last-token input of lm_head (the final normed hidden state), L2-normalised."""
+    import torch
+
+    seen: list[torch.Tensor] = []
+    hook = ref.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            ref(torch.tensor([ids]))
+    finally:
+        hook.remove()
+    return torch.nn.functional.normalize(seen[0][0, -1].float(), dim=-1)
+
+
+def embeddings(server: Server, inputs: list[list[int]] | str) -> list[list[float]]:
+    """/v1/embeddings of `inputs` (token-id lists, or one text), in input order."""
+    r = requests.post(f"{server.url}/v1/embeddings", json={"model": server.model, "input": inputs}, timeout=300)
+    assert r.status_code == 200, f"/v1/embeddings failed: {r.status_code}: {r.text[:500]}"
+    return [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+
+
+def check_embeddings_equal_reference(server: Server, prompts: list[list[int]], atol: float) -> None:
+    """One request with a batch of different lengths: each embedding equals the reference's within `atol`."""
+    import torch
+
+    ref, _ = reference_and_tokenizer(server.model_dir)
+    for ids, emb in zip(prompts, embeddings(server, prompts), strict=True):
+        want = reference_embedding(ref, ids)
+        assert len(emb) == want.numel(), f"{len(ids)} tokens: embedding has {len(emb)} dims, expected {want.numel()}"
+        err = (torch.tensor(emb) - want).abs().max().item()
+        assert err < atol, f"{len(ids)} tokens: embedding off the reference's normed final hidden state by {err:.2e}"
+
+
+def check_text_embedding_has_bos_once(server: Server, bos: int, atol: float) -> None:
+    """A text input is embedded as <|bos|> + its tokens (BOS once), as the reference embeds those ids."""
+    import torch
+
+    ref, tok = reference_and_tokenizer(server.model_dir)
+    text = "The capital of France is Paris."
+    ids = tok(text).input_ids
+    assert ids[0] == bos and bos not in ids[1:], f"precondition: the tokenizer should prepend <|bos|> once: {ids[:4]}"
+    err = (torch.tensor(embeddings(server, text)[0]) - reference_embedding(ref, ids)).abs().max().item()
+    assert err < atol, f"a text input's embedding is off the reference's of <|bos|> + its tokens by {err:.2e}"
+
+
+def check_embedding_alone_equals_batched(server: Server, prompts: list[list[int]], atol: float) -> None:
+    alone = embeddings(server, [prompts[2]])[0]
+    batched = embeddings(server, prompts)[2]
+    err = max(abs(a - b) for a, b in zip(alone, batched, strict=True))
+    assert err < atol, f"a prompt's embedding depends on its batch: {err:.2e}"
 
 
 def check_bad_request(server: Server, name: str, body: dict, outcome: str) -> None:

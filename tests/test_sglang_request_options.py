@@ -16,7 +16,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-import requests
 
 pytestmark = pytest.mark.sglang
 
@@ -24,7 +23,7 @@ import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
 from sglang.srt.sampling.custom_logit_processor import DisallowedTokensLogitsProcessor  # noqa: E402
 
 from cognica.factory import make_checkpoint  # noqa: E402
-from tests.server_utils import error_message, free_port, reference_text, serve  # noqa: E402
+from tests.server_utils import check_request_option, free_port, reference_text, serve  # noqa: E402
 
 BOS = 32759
 PLAIN = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
@@ -125,24 +124,4 @@ def plain_answer(model_dir) -> str:
 @pytest.mark.parametrize("name, request_, expect", OPTIONS, ids=[o[0] for o in OPTIONS])
 def test_option_gets_an_answer_or_a_4xx_and_the_server_still_answers_correctly(server, plain_answer, record_property,
                                                                               name, request_, expect):
-    path, body = request_
-    try:
-        r = requests.post(f"{server.url}{path}", json={"model": "default", **body}, timeout=300)
-    except requests.ConnectionError as e:
-        pytest.fail(f"{name}: the connection dropped: {e}")
-    code = r.status_code
-    record_property("status", f"{code} {error_message(r)[:160]}")  # --junitxml: what each option did
-    assert code == 200 or 400 <= code < 500, f"{name}: got {code}: {r.text[:300]}"
-    if code != 200:
-        assert error_message(r), f"{name}: a {code} must carry a message: {r.text[:300]}"
-    elif body.get("stream"):
-        assert 'data: {"error"' not in r.text, f"{name}: the stream ended in an error: {r.text[-300:]}"
-    if expect == "ok":
-        assert code == 200, f"{name}: SGLang answered this option before; now {code}: {r.text[:300]}"
-    elif expect == "4xx":
-        assert 400 <= code < 500, f"{name}: SGLang refused this option before; now {code}: {r.text[:300]}"
-    after = server.complete(**PLAIN)
-    assert after.status_code == 200, f"server stopped serving after {name}: {after.status_code}: {after.text[:300]}"
-    text = after.json()["choices"][0]["text"]
-    assert text == plain_answer, f"after {name}, a plain greedy completion is {text!r}, the reference's " \
-        f"{plain_answer!r}"
+    check_request_option(server, "SGLang", name, request_, expect, PLAIN, plain_answer, record_property)

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 
-from tests.server_utils import KV_ALLOCATION_LOG, error_message, free_port, reference_text, serve
+from tests.server_utils import KV_ALLOCATION_LOG, check_request_option, free_port, reference_text, serve
 
 pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
 
@@ -104,27 +103,7 @@ def plain_answer(tiny_ckpt: Path) -> str:
 @pytest.mark.parametrize("name, request_, expect", OPTIONS, ids=[o[0] for o in OPTIONS])
 def test_option_gets_an_answer_or_a_4xx_and_the_server_still_answers_correctly(server, plain_answer, record_property,
                                                                               name, request_, expect):
-    path, body = request_
-    try:
-        r = requests.post(f"{server.url}{path}", json={"model": server.model, **body}, timeout=300)
-    except requests.ConnectionError as e:
-        pytest.fail(f"{name}: the connection dropped: {e}")
-    code = r.status_code
-    record_property("status", f"{code} {error_message(r)[:160]}")  # --junitxml: what each option did
-    assert code == 200 or 400 <= code < 500, f"{name}: got {code}: {r.text[:300]}"
-    if code != 200:
-        assert error_message(r), f"{name}: a {code} must carry a message: {r.text[:300]}"
-    elif body.get("stream"):
-        assert 'data: {"error"' not in r.text, f"{name}: the stream ended in an error: {r.text[-300:]}"
-    if expect == "ok":
-        assert code == 200, f"{name}: vLLM answered this option before; now {code}: {r.text[:300]}"
-    elif expect == "4xx":
-        assert 400 <= code < 500, f"{name}: vLLM refused this option before; now {code}: {r.text[:300]}"
-    after = server.complete(**PLAIN)
-    assert after.status_code == 200, f"server stopped serving after {name}: {after.status_code}: {after.text[:300]}"
-    text = after.json()["choices"][0]["text"]
-    assert text == plain_answer, f"after {name}, a plain greedy completion is {text!r}, the reference's " \
-        f"{plain_answer!r}"
+    check_request_option(server, "vLLM", name, request_, expect, PLAIN, plain_answer, record_property)
 
 
 def test_api_server_refuses_enable_prompt_embeds_at_start_with_one_line(tiny_ckpt: Path):
