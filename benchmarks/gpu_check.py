@@ -388,7 +388,7 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.T
         .contiguous()  # fmt: skip
 
 
-def _sdpa_peer(backend_name: str) -> Callable | None:
+def _sdpa_peer(backend_name: str) -> Callable:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -401,8 +401,7 @@ def _sdpa_peer(backend_name: str) -> Callable | None:
     return run
 
 
-def _flex_peer(q_len: int, kv_len: int, window: int | None, batch: int, heads: int, device: torch.device,
-               compiled: bool) -> Callable:  # fmt: skip
+def _flex_peer(q_len: int, kv_len: int, window: int | None, device: torch.device, compiled: bool) -> Callable:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     offset = kv_len - q_len  # query i sits at key position offset + i
@@ -487,7 +486,7 @@ def _attention_row(row: dict, kind: str, batch: int, q_len: int, ctx: int, windo
     flex_window = window if kind == "prefill" else None  # decode gathers only in-window keys already
     for compiled in (True,) if cuda else (False,):
         kv_len = gathered[0][1].shape[2]
-        flex = _flex_peer(q_len, kv_len, flex_window, batch, h, device, compiled)
+        flex = _flex_peer(q_len, kv_len, flex_window, device, compiled)
         candidates["flex_compiled" if compiled else "flex_eager"] = lambda g, f=flex: f(g[0], g[1], g[2], scale)
     for name, fn in candidates.items():
         peer: dict = {"us": None, "ok": False}
