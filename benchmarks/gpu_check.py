@@ -3,10 +3,11 @@
     python benchmarks/gpu_check.py kernels --out OUT/kernels.json [--dry-run]
     python benchmarks/gpu_check.py report OUT          # prints the table, writes OUT/gpu_check.json
 
-Each case times one of our Triton launchers (`cognica_kernels.attention.paged_attention_triton`,
-`cognica_kernels.relu2.relu2_linear_triton`) in bf16: the median of CUDA-event intervals after warm-up, L2
-flushed and fresh random queries / activations before every timed run, and the output poisoned before every run
-(the launcher's `torch.empty` of its output returns a NaN-filled tensor prepared beforehand) and checked free of
+Each case times one of our Triton launchers (`cognica_kernels.attention.paged_attention_triton`, and
+`relu2_linear_triton` of benchmarks/relu2_linear.py, a fused c_fc + relu^2 candidate no plugin runs, against the
+product's `F.linear` + relu^2) in bf16: the median of CUDA-event intervals after warm-up, L2 flushed and fresh
+random queries / activations before every timed run, and the output poisoned before every run (the launcher's
+`torch.empty` of its output returns a NaN-filled tensor prepared beforehand) and checked free of
 NaN after it. Once per case the output is compared with the kernel's torch
 reference on the same inputs. Each case's floor is `max(bytes / copy rate, FLOPs / GEMM rate)`, both rates
 measured on the same device (a 1 GiB device-to-device copy, an 8192^3 bf16 matmul); `pct_floor` is floor / time.
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import relu2_linear  # noqa: E402
 from gpu_timing import Timer, copy_rate_gbps, device_info, gemm_rate_tflops  # noqa: E402
 
 from cognica_kernels import attention, relu2  # noqa: E402
@@ -277,12 +279,13 @@ def _gemm_case(
 
     case.bytes = (m * k + n * k + m * n) * DTYPE.itemsize
     case.flops = 2 * m * n * k
-    _time_case(case, timer, profile, relu2, (m, n), refresh, lambda: [relu2.relu2_linear_triton(state["x"], w)])
+    _time_case(case, timer, profile, relu2_linear, (m, n), refresh,
+               lambda: [relu2_linear.relu2_linear_triton(state["x"], w)])
     case.torch_ms, _ = timer.median_ms(
-        lambda: relu2.relu2_linear_reference(state["x"], w), profile["reps"], profile["warmup"], refresh
+        lambda: relu2_linear.relu2_linear_reference(state["x"], w), profile["reps"], profile["warmup"], refresh
     )
     x = torch.randn(m, k, device=timer.device, dtype=DTYPE, generator=g)
-    got, ref = relu2.relu2_linear_triton(x, w).float(), relu2.relu2_linear_reference(x, w).float()
+    got, ref = relu2_linear.relu2_linear_triton(x, w).float(), relu2_linear.relu2_linear_reference(x, w).float()
     case.max_abs_err = float((got - ref).abs().max())
     atol, rtol = GEMM_TOL
     _finish(case, rates, bool(((got - ref).abs() <= atol * ref.abs().max() + rtol * ref.abs()).all()))

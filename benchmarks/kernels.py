@@ -137,6 +137,8 @@ def _flash_attn() -> Callable | None:
 
 
 def run_cuda_benchmarks() -> None:
+    from relu2_linear import relu2_linear_reference, relu2_linear_triton  # beside this file (sys.path[0])
+
     from cognica_kernels import relu2
 
     m = ModelShape()
@@ -146,8 +148,8 @@ def run_cuda_benchmarks() -> None:
     for rows in (1, 32, 256, 8 * 2048):
         x = torch.randn(rows, m.n_embd, device="cuda", dtype=torch.bfloat16)
         h = torch.randn(rows, m.mlp_hidden, device="cuda", dtype=torch.bfloat16)
-        t_gemm = _bench(lambda x=x: relu2.relu2_linear_triton(x, w))
-        r_gemm = _bench(lambda x=x: relu2.relu2_linear_reference(x, w))
+        t_gemm = _bench(lambda x=x: relu2_linear_triton(x, w))
+        r_gemm = _bench(lambda x=x: relu2_linear_reference(x, w))
         print(f"{f'relu2_linear M={rows}':<38} {t_gemm:>8.3f} {r_gemm:>8.3f} {'':>8}")
         t_act, r_act = _bench(lambda h=h: relu2.relu2_triton(h)), _bench(lambda h=h: relu2.relu2_reference(h))
         print(f"{f'relu2 [{rows}, {m.mlp_hidden}]':<38} {t_act:>8.3f} {r_act:>8.3f} {'':>8}")

@@ -8,7 +8,8 @@ into the reference `cognica.model.CognicaGPT`, whose weights the harness reuses.
 `cognica.layers` formulas (norm, smear, value embeddings, rotary, QK norm, residual mixing, backout, soft-cap),
 one fused QKV `F.linear`, a K/V write through a slot mapping, `cognica_kernels.attention.paged_attention_triton`
 over block tables, and the MLP as the plugins run it with `COGNICA_KERNELS=triton`: `F.linear` c_fc, the Triton
-`cognica_kernels.relu2.relu2_triton`, `F.linear` c_proj (`relu2_linear`, which no plugin runs, is not used).
+`cognica_kernels.relu2.relu2_triton`, `F.linear` c_proj (benchmarks/relu2_linear.py's fused GEMM, which no plugin
+runs, is not used).
 The launchers are called directly (not the dispatchers), so the dry run on CPU runs the same kernels in Triton's
 interpreter.
 

@@ -34,16 +34,7 @@ import functools
 
 import torch
 
-from .relu2 import HAS_TRITON, dot_precision, interpreting, uses_triton
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-else:  # the torch reference below still serves
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn)
-    tl = SimpleNamespace(constexpr=None)
+from .utils import HAS_TRITON, dot_fp32, dot_precision, kv_group, next_power_of_2, tl, triton, uses_triton
 
 _NO_WINDOW = 1 << 30  # window_left=None: larger than any context, still an int32
 _DEFAULT_SMS = 132  # H100 SXM: the split-K heuristic's SM count where no CUDA device says otherwise
@@ -225,10 +216,6 @@ def _decode_splits(batch: int, num_kv_heads: int, span: int, sms: int = _DEFAULT
     return max(1, min(16, -(-span // 128), -(-4 * sms // max(1, programs))))
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
                    window_left: int | None, sms: int = _DEFAULT_SMS, arch: int | None = None) -> dict[str, int]:
     """The compile-time constants and launch options a launch picks (each distinct set is one Triton compilation).
@@ -250,9 +237,9 @@ def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len:
     - More rows elsewhere (sm_80): 32 rows with 8 warps, 32-key tiles (64 rows took 160+ registers at 8 warps and
       240+ at 4).
     """
-    group_p2 = _next_power_of_2(num_heads // num_kv_heads)
+    group_p2 = next_power_of_2(num_heads // num_kv_heads)
     hopper = arch is None or arch >= 90
-    block_q = min(max(1, (128 if hopper else 32) // group_p2), _next_power_of_2(max_query_len))
+    block_q = min(max(1, (128 if hopper else 32) // group_p2), next_power_of_2(max_query_len))
     num_splits = 1
     if max_query_len == 1:
         span = max_seq_len if window_left is None else min(max_seq_len, window_left + 1)
@@ -271,20 +258,10 @@ def device_arch(device_index: int | None) -> int | None:
     return 10 * major + minor
 
 
-def paged_attention_triton(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    window_left: int | None,
-    *,
-    max_query_len: int | None = None,
-    max_seq_len: int | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
+def paged_attention_triton(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                           scale: float, window_left: int | None, *, max_query_len: int | None = None,
+                           max_seq_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Launch the paged attention kernel (see the module docstring for layouts).
 
     `max_query_len` / `max_seq_len` are the engines' metadata values; when None they are read from the device
@@ -296,7 +273,7 @@ def paged_attention_triton(
     assert value_cache.shape == key_cache.shape, f"K {tuple(key_cache.shape)} != V {tuple(value_cache.shape)}"
     assert cache_head_dim == head_dim, f"q head_dim {head_dim} != cache head_dim {cache_head_dim}"
     assert head_dim in (64, 128), f"head_dim {head_dim} not supported (64 or 128)"
-    assert num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+    group = kv_group(num_heads, num_kv_heads)
     assert key_cache.dtype == q.dtype, f"q is {q.dtype} but the cache is {key_cache.dtype}"
     assert q.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1, "head_dim not contiguous"
     batch = seq_lens.shape[0]
@@ -307,7 +284,6 @@ def paged_attention_triton(
     if num_tokens == 0 or max_query_len == 0:
         return out
 
-    group = num_heads // num_kv_heads
     if max_seq_len is None and max_query_len == 1:
         max_seq_len = int(seq_lens.max())
     device_index = q.device.index if q.is_cuda else None
@@ -334,7 +310,7 @@ def paged_attention_triton(
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=variant["BLOCK_N"], NUM_SPLITS=num_splits,
-        DOT_FP32=interpreting() and q.dtype != torch.float32,
+        DOT_FP32=dot_fp32(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=variant["NUM_STAGES"],
         num_warps=variant["num_warps"], num_stages=variant["NUM_STAGES"],
     )  # fmt: skip
@@ -346,19 +322,11 @@ def paged_attention_triton(
     return out
 
 
-def paged_attention_reference(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    window_left: int | None,
-) -> torch.Tensor:
+def paged_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                              block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                              scale: float, window_left: int | None) -> torch.Tensor:
     """Plain-torch paged attention: gather each sequence's visible keys, masked softmax in fp32."""
-    num_heads, num_kv_heads = q.shape[1], key_cache.shape[2]
-    assert num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+    group = kv_group(q.shape[1], key_cache.shape[2])
     page_size = key_cache.shape[1]
     out = torch.empty_like(q)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -370,8 +338,8 @@ def paged_attention_reference(
         lo = 0 if window_left is None else max(0, first - window_left)  # keys before `lo` are never gathered
         key_pos = torch.arange(lo, seq_len, device=q.device)
         pages = block_table[b, key_pos // page_size].long()
-        k = key_cache[pages, key_pos % page_size].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
-        v = value_cache[pages, key_pos % page_size].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        k = key_cache[pages, key_pos % page_size].float().repeat_interleave(group, dim=1)
+        v = value_cache[pages, key_pos % page_size].float().repeat_interleave(group, dim=1)
         logits = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k) * scale
         dist = torch.arange(first, seq_len, device=q.device)[:, None] - key_pos[None, :]  # query pos - key pos
         visible = dist >= 0
@@ -382,28 +350,14 @@ def paged_attention_reference(
     return out
 
 
-def paged_attention(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    window_left: int | None,
-    *,
-    max_query_len: int | None = None,
-    max_seq_len: int | None = None,
-) -> torch.Tensor:
-    """Causal (optionally windowed) paged attention: Triton on CUDA, the torch reference elsewhere.
+def paged_attention(q: torch.Tensor, *args, max_query_len: int | None = None,
+                    max_seq_len: int | None = None) -> torch.Tensor:
+    """Causal (optionally windowed) paged attention: `paged_attention_triton` on CUDA, `paged_attention_reference`
+    elsewhere, with their arguments (q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
+    window_left; layouts in the module docstring).
 
     `max_query_len` / `max_seq_len` only spare the Triton path a host sync; the reference ignores them.
     """
     if uses_triton(q):
-        return paged_attention_triton(
-            q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, window_left,
-            max_query_len=max_query_len, max_seq_len=max_seq_len,
-        )  # fmt: skip
-    return paged_attention_reference(
-        q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, window_left
-    )
+        return paged_attention_triton(q, *args, max_query_len=max_query_len, max_seq_len=max_seq_len)
+    return paged_attention_reference(q, *args)

@@ -30,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from .relu2 import HAS_TRITON
+from .utils import HAS_TRITON
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import paged_attention
+from .utils import kv_group
 
 
 def block_table_from_req_to_token(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor) -> torch.Tensor:
@@ -22,20 +23,10 @@ def block_table_from_req_to_token(req_to_token: torch.Tensor, req_pool_indices: 
     return req_to_token.index_select(0, req_pool_indices.long()).to(torch.int32)
 
 
-def token_pool_attention(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_lens: torch.Tensor,
-    scale: float,
-    window_left: int | None,
-    *,
-    max_query_len: int | None = None,
-    max_seq_len: int | None = None,
-) -> torch.Tensor:
+def token_pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, req_to_token: torch.Tensor,
+                         req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, query_lens: torch.Tensor,
+                         scale: float, window_left: int | None, *, max_query_len: int | None = None,
+                         max_seq_len: int | None = None) -> torch.Tensor:
     """`paged_attention` over SGLang's token pool (`[num_slots, num_kv_heads, head_dim]`, page size 1).
 
     `query_lens` is `[batch]` new tokens per sequence: `extend_seq_lens` in EXTEND mode, ones in DECODE mode.
@@ -51,17 +42,10 @@ def token_pool_attention(
     )  # fmt: skip
 
 
-def token_pool_decode_attention(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    window_left: int | None,
-    max_keys_per_chunk: int = 1 << 15,
-) -> torch.Tensor:
+def token_pool_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                                scale: float, window_left: int | None,
+                                max_keys_per_chunk: int = 1 << 15) -> torch.Tensor:
     """Decode attention (one query per sequence) over SGLang's token pool in plain torch, batched.
 
     The same result as `token_pool_attention` with one query per sequence, computed for the whole batch at once:
@@ -73,11 +57,10 @@ def token_pool_decode_attention(
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[1]
-    assert num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
-    group = num_heads // num_kv_heads
+    group = kv_group(num_heads, num_kv_heads)
     lens = seq_lens.to(torch.long)
     span = (lens if window_left is None else lens.clamp(max=window_left + 1)).clamp(min=1)  # >= 1: no NaN rows
-    rows = req_to_token.index_select(0, req_pool_indices.long())
+    rows = block_table_from_req_to_token(req_to_token, req_pool_indices)
     out = torch.empty_like(q)
     start = 0
     max_span = int(span.max()) if batch else 0

@@ -10,7 +10,8 @@
 #   env           device, versions                                               -> OUTDIR/env.json
 #   kernel-tests  tests/test_kernels.py, compiled on CUDA (pytest, or the builtin
 #                 runner of benchmarks/gpu_kernel_tests.py where pytest is absent) -> OUTDIR/kernel_tests.json
-#   kernels       benchmarks/gpu_check.py kernels: attention and relu2_linear timings -> OUTDIR/kernels.json
+#   kernels       benchmarks/gpu_check.py kernels: attention timings, and the fused relu^2 GEMM candidate of
+#                 benchmarks/relu2_linear.py (no plugin runs it) against F.linear + relu^2 -> OUTDIR/kernels.json
 #   compare       benchmarks/gpu_check.py compare: ours beside SDPA (cuDNN, flash), flex_attention and torch
 #                 relu^2 on identical inputs, CUDA-graph replay timing; feeds the verdicts -> OUTDIR/compare.json
 #   decode        benchmarks/paged_decode.py: 1.38B factory model, paged decode step  -> OUTDIR/decode.json
@@ -24,7 +25,7 @@ OUTDIR=""
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUTDIR=$arg ;;
   esac

@@ -2,7 +2,8 @@
 variants production launches compile without spills at >= 25 % occupancy with a double-buffered decode loop.
 
 Two checks. `test_every_kernel_lowers_...` compiles hand-written configurations (GQA, head_dim 64, fp32) for
-legality. `test_production_variants_...` runs the real launchers at the model's production shapes and strides (vLLM's
+legality, the GPU check's fused relu^2 GEMM candidate (benchmarks/relu2_linear.py) included.
+`test_production_variants_...` runs the real launchers at the model's production shapes and strides (vLLM's
 KV view, SGLang's token pool) with `JITFunction.run` replaced by a recorder, applies Triton's own launch-time
 specialisation to each recorded call and compiles what a launch would compile; `python tests/test_kernels_compile.py
 --table` prints its table (docs/performance.md, "Compiled variants").
@@ -19,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,16 +33,19 @@ def _variants() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
     """(label, kernel, pointer dtypes, constexprs) for each kernel configuration the launchers can pick."""
     from cognica_kernels import attention, relu2
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import relu2_linear  # the fused GEMM candidate the GPU check measures (no plugin runs it)
+
     out: list[tuple[str, object, dict[str, str], dict[str, object]]] = []
     for dtype in ("bf16", "fp32"):
         out.append((f"relu2/{dtype}", relu2._relu2_kernel, {"x_ptr": dtype, "y_ptr": dtype}, {"BLOCK_SIZE": 1024}))
     for m in (1, 64, 4096):
-        block_m, block_n, block_k, _, _ = relu2._gemm_settings(m)
+        block_m, block_n, block_k, _, _ = relu2_linear._gemm_settings(m)
         # fp32 (parity runs only) at the decode tile: ieee fp32 dots on 128x128 tiles take ~30 s to compile
         for dtype in ("bf16", "fp32") if m == 1 else ("bf16",):
             out.append((
                 f"relu2_linear/{dtype}/BLOCK_M{block_m}",
-                relu2._relu2_linear_kernel,
+                relu2_linear._relu2_linear_kernel,
                 {"x_ptr": dtype, "w_ptr": dtype, "y_ptr": dtype},
                 {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "DOT_FP32": False,
                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
