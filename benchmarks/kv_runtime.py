@@ -2,10 +2,11 @@
 same model with every layer full, and what that does to preemptions and throughput.
 
 vLLM's start-up "maximum concurrency" counts a sliding layer as holding min(window - 1 + max_num_batched_tokens,
-max_model_len) tokens per request (vllm/v1/kv_cache_interface.py:878-885, SlidingWindowSpec), so at
-the default batch size it reports almost no saving for the windows. At run time the scheduler frees a sliding
-layer's blocks once they leave the window (vllm/v1/core/single_type_kv_cache_manager.py:672 remove_skipped_blocks,
-:1135 SlidingWindowManager.get_num_skipped_tokens), which is the saving users get. This script measures it:
+max_model_len) tokens per request (`SlidingWindowSpec.max_admission_blocks_per_request` in
+vllm/v1/kv_cache_interface.py), so at the default batch size it reports almost no saving for the windows. At run time
+the scheduler frees a sliding layer's blocks once they leave the window
+(`SingleTypeKVCacheManager.remove_skipped_blocks` and `SlidingWindowManager.get_num_skipped_tokens` in
+vllm/v1/core/single_type_kv_cache_manager.py), which is the saving users get. This script measures it:
 
     .venv/vllm/bin/python benchmarks/kv_runtime.py                 # small preset, float32, the four runs below
     .venv/vllm/bin/python benchmarks/kv_runtime.py --quick         # a 2-minute try-out

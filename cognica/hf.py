@@ -73,10 +73,11 @@ class CognicaPoEConfig(PretrainedConfig):
 
     def _set_built_layers(self) -> None:
         """`num_hidden_layers` = the layers the model builds (poe_every * poe_exit_stage for a stage prefix), so an
-        engine allocates KV cache for those only. SGLang sizes its pool by it (sglang/srt/configs/model_config.py:1581,
-        sglang/srt/model_executor/model_runner_components/layer_setup.py:214-220). Engine overrides arrive after
-        __init__ through `config.update` (SGLang sglang/srt/utils/hf_transformers/config.py:411, vLLM
-        vllm/transformers_utils/config.py:928), hence the hook in __setattr__. `n_layer` stays the checkpoint's;
+        engine allocates KV cache for those only. SGLang sizes its pool by it (`ModelConfig._derive_model_shapes` in
+        sglang/srt/configs/model_config.py, `_compute_model_num_layers` in
+        sglang/srt/model_executor/model_runner_components/layer_setup.py). Engine overrides arrive after __init__
+        through `config.update` (SGLang: `get_config` in sglang/srt/utils/hf_transformers/config.py; vLLM: `get_config`
+        in vllm/transformers_utils/config.py), hence the hook in __setattr__. `n_layer` stays the checkpoint's;
         an invalid stage leaves all layers here and is refused by `to_cognica()`."""
         stage, every = self.__dict__.get("poe_exit_stage"), self.__dict__.get("poe_every")
         built = stage * every if isinstance(stage, int) and isinstance(every, int) else self.n_layer
@@ -93,8 +94,8 @@ class CognicaPoEConfig(PretrainedConfig):
         elif path:
             from cognica.hub import cached_snapshot
 
-            # a Hub id (SGLang passes it as is: sglang/srt/utils/hf_transformers/config.py:228; vLLM too when online):
-            # the cached snapshot it was read from
+            # a Hub id (SGLang passes it as is: `HfModelConfigParser.parse` in
+            # sglang/srt/utils/hf_transformers/config.py; vLLM too when online): the cached snapshot it was read from
             snapshot = cached_snapshot(str(path), config_dict)
             if snapshot is not None:
                 _validate_at_load(snapshot, weights_optional=True)

@@ -59,14 +59,15 @@ VOCAB_SIZE = N_RANKS + len(SPECIAL_TOKENS)
 ENCODING_NAME = "rustbpe"  # what nanochat's RustBPETokenizer names its Encoding
 HF_TOKENIZER_CLASS = "CognicaTokenizerFast"
 # The published tokenizer_config.json names this class (with an auto_map to its remote code). transformers 5.19's
-# AutoTokenizer.from_pretrained (models/auto/tokenization_auto.py:897-960) does not follow the auto_map when the
-# config class has a registered tokenizer and trust_remote_code is not True; it then looks the name up with
-# tokenizer_class_from_name (:503-541), trying "CognicaPoETokenizer" and "CognicaPoETokenizerFast" among the
+# AutoTokenizer.from_pretrained (transformers/models/auto/tokenization_auto.py) does not follow the auto_map when
+# the config class has a registered tokenizer and trust_remote_code is not True; it then looks the name up with
+# tokenizer_class_from_name (same file), trying "CognicaPoETokenizer" and "CognicaPoETokenizerFast" among the
 # registered classes, so we register our class under the second name. Both engines get here through AutoTokenizer
-# with trust_remote_code=False: vLLM via vllm/tokenizers/hf.py:181 (on the snapshot path: offline ids are replaced
-# by vllm/engine/arg_utils.py:908-930, online ones by the non-weight snapshot of
-# vllm/transformers_utils/repo_utils.py:357-378), SGLang via sglang/srt/utils/hf_transformers/tokenizer.py:176-181
-# (with the Hub id itself, which `_published_tokenizer` resolves).
+# with trust_remote_code=False: vLLM via `CachedHfTokenizer.from_pretrained` in vllm/tokenizers/hf.py (on the
+# snapshot path: offline ids are replaced by `EngineArgs.__post_init__` in vllm/engine/arg_utils.py, online ones by
+# `get_non_weight_snapshot_path` in vllm/transformers_utils/repo_utils.py), SGLang via
+# `_auto_tokenizer_from_pretrained` in sglang/srt/utils/hf_transformers/tokenizer.py (with the Hub id itself, which
+# `_published_tokenizer` resolves).
 PUBLISHED_TOKENIZER_CLASS = "CognicaPoETokenizer"
 # bump when hf_tokenizer_json or the written configs change: it keys the converted cache (2: entries have a manifest)
 _CONVERTER_VERSION = "2"

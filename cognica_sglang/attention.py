@@ -9,8 +9,9 @@ is on), then the Triton kernel reads the layer's buffer through `req_to_token` (
 layers the pool keeps in its SWA sub-pool), touching only in-window keys. Decode batches stay on the backend's
 RadixAttention, whose CUDA-graph capture we do not replace. The Triton extend path is eager only: inside a prefill
 CUDA graph (breakable or full; SGLang enables them only for a model with a `layers` attribute,
-sglang/srt/model_executor/model_runner_components/cuda_graph_setup.py:629-639) the layer takes RadixAttention, whose
-own `_eager_attention` is the graph break (sglang/srt/layers/radix_attention.py:133-187).
+`capture_prefill_graph` in sglang/srt/model_executor/model_runner_components/cuda_graph_setup.py) the layer takes
+RadixAttention, whose own `_eager_attention` is the graph break (`RadixAttention.forward` in
+sglang/srt/layers/radix_attention.py).
 
 On CPU, DECODE batches go through `cognica_kernels.token_pool_decode_attention` (plain torch, the whole batch in
 one gather of the in-window keys) instead of the torch_native backend's loop over the requests, which cost 14%
@@ -78,8 +79,8 @@ def _window(attn: RadixAttention) -> int | None:
 
 def in_swa_pool(pool, layer_id: int) -> bool:
     """Whether the hybrid SWA pool keeps this layer in its SWA sub-pool, by the pool's own layer mapping
-    (`SWAKVPool.layers_mapping`, sglang/srt/mem_cache/swa_memory_pool.py:123-127): not "has a window", which an L
-    layer also has once the served context exceeds its window while it stays in the full pool."""
+    (`SWAKVPool.layers_mapping`, built in `SWAKVPool.__init__` in sglang/srt/mem_cache/swa_memory_pool.py): not "has a
+    window", which an L layer also has once the served context exceeds its window while it stays in the full pool."""
     mapping = getattr(pool, "layers_mapping", None)
     return mapping is not None and hasattr(pool, "translate_loc_from_full_to_swa") and mapping[layer_id][1]
 

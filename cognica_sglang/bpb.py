@@ -11,7 +11,7 @@ def prompt_logprobs(model_dir: str, windows: list[list[int]], dtype: str = "floa
                     engine: Any = None, overrides: dict[str, Any] | None = None) -> list[list[float]]:
     """log p(window[t] | window[:t]) for t >= 1, per window, from SGLang's input-token log-probs. `overrides` (PoE
     stage options) become `json_model_override_args` (applied to the loaded config:
-    sglang/srt/utils/hf_transformers/config.py:411)."""
+    `get_config` in sglang/srt/utils/hf_transformers/config.py)."""
     import sglang
 
     own = engine is None

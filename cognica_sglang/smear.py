@@ -47,8 +47,9 @@ def full_pool_slots(pool) -> int:
     """Slots of the full-attention pool, the index space of `out_cache_loc` and `req_to_token`.
 
     Not `pool.get_kv_buffer_shape()`: for the hybrid SWA pool that reads the buffer of layer `start_layer`
-    (sglang/srt/mem_cache/memory_pool.py:2101-2103), a sliding layer in SSSL, i.e. the smaller SWA sub-pool
-    (`SWAKVPool.layers_mapping`, sglang/srt/mem_cache/swa_memory_pool.py:123-127, 208-222).
+    (`KVCache.get_kv_buffer_shape` in sglang/srt/mem_cache/memory_pool.py), a sliding layer in SSSL, i.e. the
+    smaller SWA sub-pool (`SWAKVPool.layers_mapping`, built in `SWAKVPool.__init__` and read by
+    `SWAKVPool.get_key_buffer` / `get_value_buffer` in sglang/srt/mem_cache/swa_memory_pool.py).
     """
     full = getattr(pool, "full_kv_pool", pool)
     return full.get_key_buffer(full.start_layer).shape[0]

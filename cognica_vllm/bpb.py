@@ -13,7 +13,7 @@ from cognica.config import CognicaConfig
 def prompt_logprobs(model_dir: str, windows: list[list[int]], dtype: str = "float32",
                     llm: LLM | None = None, overrides: dict[str, Any] | None = None) -> list[list[float]]:
     """log p(window[t] | window[:t]) for t >= 1, per window, from vLLM's prompt log-probs. `overrides` (PoE stage
-    options) become `hf_overrides`, applied to the loaded config (vllm/transformers_utils/config.py:928)."""
+    options) become `hf_overrides`, applied to the loaded config (`get_config` in vllm/transformers_utils/config.py)."""
     if llm is None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         cfg = CognicaConfig.from_file(os.path.join(model_dir, "config.json"))

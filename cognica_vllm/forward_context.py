@@ -15,17 +15,17 @@ from vllm.config import VllmConfig
 def op_name(name: str) -> str:
     """The name vLLM's splitting rule matches: `OpOverload.name()`, i.e. "namespace::name".
 
-    `should_split` compares `splitting_ops` entries with `target.name()` / `_qualified_op_name`
-    (vllm/compilation/partition_rules.py:30-33), the form of the built-in list
-    (vllm/config/compilation.py:767-769, "vllm::unified_attention_with_output"); "vllm.name" never matches.
+    `should_split` (vllm/compilation/partition_rules.py) compares `splitting_ops` entries with `target.name()` /
+    `_qualified_op_name`, the form of the built-in list (`CompilationConfig` in vllm/config/compilation.py,
+    "vllm::unified_attention_with_output"); "vllm.name" never matches.
     """
     return f"vllm::{name}"
 
 
 def split_graph_at(vllm_config: VllmConfig, name: str) -> None:
     """Make `name` ("vllm::op") a splitting op: under piecewise CUDA graphs it then runs eagerly with each
-    step's metadata instead of being captured with the capture run's (vLLM's `split_graph`,
-    vllm/compilation/backends.py:582). `splitting_ops` is None only outside VLLM_COMPILE."""
+    step's metadata instead of being captured with the capture run's (vLLM's `split_graph` in
+    vllm/compilation/backends.py). `splitting_ops` is None only outside VLLM_COMPILE."""
     assert "::" in name, f"splitting ops are matched as 'namespace::name', got {name!r}"
     ops = vllm_config.compilation_config.splitting_ops
     if ops is not None and name not in ops:
@@ -51,9 +51,10 @@ def layer_cache(ctx, layer_name: str, meta) -> tuple[nn.Module, torch.Tensor, to
 
 
 def cache_block_size(kv_cache: torch.Tensor, num_kv_heads: int, head_size: int) -> tuple[int, int]:
-    """(KV slots, tokens per block) of a bound cache `[num_blocks, num_kv_heads, block_size, 2 * head_size]`
-    (the CPU and FLASH_ATTN layout: vllm/v1/attention/backends/cpu_attn.py:364,
-    vllm/v1/attention/backends/flash_attn.py:1442). The block tables index the cache's own (kernel) blocks, which
-    can be smaller than `cache_config.block_size` when vLLM splits a manager block into kernel blocks."""
+    """(KV slots, tokens per block) of a bound cache `[num_blocks, num_kv_heads, block_size, 2 * head_size]` (the CPU
+    and FLASH_ATTN layout: `CPUAttentionBackendImpl.forward` in vllm/v1/attention/backends/cpu_attn.py,
+    `FlashAttentionImpl.do_kv_cache_update` in vllm/v1/attention/backends/flash_attn.py). The block tables index the
+    cache's own (kernel) blocks, which can be smaller than `cache_config.block_size` when vLLM splits a manager block
+    into kernel blocks."""
     num_slots = kv_cache.numel() // (2 * num_kv_heads * head_size)
     return num_slots, num_slots // kv_cache.shape[0]

@@ -14,11 +14,11 @@ keep stale ids for old positions; a full layer's table is valid for every earlie
 
 Why a custom op: inside `@support_torch_compile` code, Python branches on the forward context are
 traced once (during warm-up, when there is no metadata) and frozen; the smear would silently never
-run. The op is opaque to Dynamo and is added to the splitting ops ("vllm::cognica_smear_prev_ids"), so
-under CUDA piecewise graphs it runs eagerly every step with that step's metadata. It writes into an output the
-caller allocated inside the compiled graph (`mutates_args`, as vLLM's `unified_attention_with_output`): a
-piecewise graph replays with the input addresses it captured and copies nothing
-(vllm/compilation/cuda_graph.py:346-361), so a fresh tensor returned by an eager op would never be seen.
+run. The op is opaque to Dynamo and is added to the splitting ops ("vllm::cognica_smear_prev_ids"), so under CUDA
+piecewise graphs it runs eagerly every step with that step's metadata. It writes into an output the caller allocated
+inside the compiled graph (`mutates_args`, as vLLM's `unified_attention_with_output`): a piecewise graph replays with
+the input addresses it captured and copies nothing (`CUDAGraphWrapper.__call__` in vllm/compilation/cuda_graph.py), so a
+fresh tensor returned by an eager op would never be seen.
 
 CUDA graphs also pad the batch (FULL decode graphs pad the request count): padded tokens have slot -1 and sit at or
 after `query_start_loc[-1]`, which repeats the last real offset; they are masked and their indices clamped, so
@@ -70,10 +70,11 @@ def record_and_read(out: torch.Tensor, input_ids: torch.Tensor, positions: torch
     i's sequence (-1 at position 0 and for padding). No host sync, no data-dependent shapes: graph-capturable.
 
     Padding (CUDA graphs): tokens from `query_start_loc[-1]` on are padding (vLLM fills the padded tail of
-    `query_start_loc` with the last real offset: gpu_model_runner.py:2033, gpu/model_runner.py:1432) and
-    have slot -1 (gpu_model_runner.py:3904); `num_tokens` may count them (FULL graphs pass the padded count,
-    gpu_model_runner.py:2404). Their request index would be one past the block table, so it is clamped, and they
-    neither write nor read.
+    `query_start_loc` with the last real offset: `GPUModelRunner._prepare_inputs` in vllm/v1/worker/gpu_model_runner.py,
+    `GPUModelRunner.prepare_inputs` in vllm/v1/worker/gpu/model_runner.py) and have slot -1
+    (`GPUModelRunner._get_slot_mappings`); `num_tokens` may count them (FULL graphs pass the padded count,
+    `GPUModelRunner._build_attention_metadata`). Their request index would be one past the block table, so it is
+    clamped, and they neither write nor read.
     """
     n = num_tokens
     scratch = slot_ids.numel() - 1

@@ -1,30 +1,32 @@
 # SPDX-License-Identifier: Apache-2.0
 """Self-speculative decoding of the PoE twin on vLLM: the stage-k prefix of the same checkpoint drafts.
 
-vLLM's `draft_model` method (`--speculative-config '{"method": "draft_model", "model": DIR,
-"num_speculative_tokens": 2}'`, the same DIR as the target) builds a second instance of our model class from a
-ModelConfig with `runner="draft"` (vllm/config/speculative.py:1289-1312) and under the prefix "draft_model"
-(vllm/v1/spec_decode/draft_model.py:100-111). Our class then builds the stage prefix instead of the full model:
+vLLM's `draft_model` method (`--speculative-config '{"method": "draft_model", "model": DIR, "num_speculative_tokens":
+2}'`, the same DIR as the target) builds a second instance of our model class from a ModelConfig with `runner="draft"`
+(`SpeculativeConfig.__post_init__` in vllm/config/speculative.py) and under the prefix "draft_model"
+(`DraftModelProposer._get_model` in vllm/v1/spec_decode/draft_model.py). Our class then builds the stage prefix instead
+of the full model:
 
 - the draft stage is the target's `poe_draft_stage` (default 1), set with the target's
   `--hf-overrides '{"poe_draft_stage": 2}'`: vLLM applies dict overrides to the target config only
-  (vllm/config/speculative.py:1283-1288), so the drafter reads it from `speculative_config.target_model_config`;
-- the drafter is the exact stage prefix, sliding windows included, and needs `disable_hybrid_kv_cache_manager`
-  whenever the target has sliding layers; `cognica_vllm.config_checks` sets it in the first process (vLLM's
-  `MODELS_CONFIG_MAP` hook), so vLLM's own command needs no extra flag. vLLM 0.32 hands a `draft_model`
-  drafter the attention metadata (block table, slot mapping) of KV-cache group 0 whatever group its layers are in
-  (vllm/v1/worker/gpu_model_runner.py:2532-2545: only EAGLE-like proposers are matched on `kv_cache_gid`). With the
-  hybrid manager our S layers form group 0 and the drafter's layers sit in the full-attention group; all groups
-  alias one buffer from byte 0 (vllm/v1/core/kv_cache_utils.py:1630-1640), so the drafter, addressing group 0's
-  blocks, writes its keys over the target's sliding-layer KV: seen as wrong greedy tokens after a rejected draft.
-  With one KV group (vLLM keeps each layer's window in the attention kernel,
-  vllm/v1/attention/backends/cpu_attn.py:178-197) the drafter's layers share the target's block table; the price is
+  (`SpeculativeConfig.__post_init__`), so the drafter reads it from `speculative_config.target_model_config`; - the
+drafter is the exact stage prefix, sliding windows included, and needs `disable_hybrid_kv_cache_manager` whenever the
+target has sliding layers; `cognica_vllm.config_checks` sets it in the first process (vLLM's `MODELS_CONFIG_MAP` hook),
+so vLLM's own command needs no extra flag. vLLM 0.32 hands a `draft_model` drafter the attention metadata (block table,
+slot mapping) of KV-cache group 0 whatever group its layers are in (`GPUModelRunner._build_attention_metadata` in
+vllm/v1/worker/gpu_model_runner.py: only EAGLE-like proposers are matched on `kv_cache_gid`). With the hybrid manager
+our S layers form group 0 and the drafter's layers sit in the full-attention group; all groups alias one buffer from
+byte 0 (`get_kv_cache_config_from_groups` in vllm/v1/core/kv_cache_utils.py), so the drafter, addressing group 0's
+blocks, writes its keys over the target's sliding-layer KV: seen as wrong greedy tokens after a rejected draft. With one
+KV group (vLLM keeps each layer's window in the attention kernel, `CPUAttentionMetadataBuilder._group_sliding_window` in
+vllm/v1/attention/backends/cpu_attn.py) the drafter's layers share the target's block table; the price is
   the sliding layers' KV saving.
 
 The smear state of both models stays exact: each model writes the ids of every token it processes at their KV
 slots before reading the previous position's id (`cognica_vllm.smear`), and a rejected draft's slot is rewritten
 by the token that replaces it (the target's next step, the drafter's next first pass, which re-feeds the accepted
-tokens and masks the rejected ones: vllm/v1/spec_decode/llm_base_proposer.py:878-953) before anything reads it.
+tokens and masks the rejected ones: `SpecDecodeBaseProposer.set_inputs_first_pass` in
+vllm/v1/spec_decode/llm_base_proposer.py) before anything reads it.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ Used by the bad-checkpoint engine-start tests of tests/test_vllm_server.py and t
     python -m tests.engine_start_driver vllm|sglang '{"variant": "/path/to/ckpt", ...}'
 
 Each result also counts the processes the attempt started. Both engines start their engine processes with
-`multiprocessing` (vLLM's engine core: vllm/v1/engine/utils.py:329 `proc.start()`, after the config is built at
-vllm/v1/engine/llm_engine.py:183; SGLang's scheduler and detokenizer: sglang/srt/entrypoints/engine.py:336
-`_launch_subprocesses`), so a refusal "in the first process" means zero `BaseProcess.start` calls. The wrapper only
-counts; it changes nothing the engine sees.
+`multiprocessing` (vLLM's engine core: `proc.start()` in `CoreEngineProcManager.__init__`, vllm/v1/engine/utils.py,
+after the config is built in `LLMEngine.from_engine_args`, vllm/v1/engine/llm_engine.py; SGLang's scheduler and
+detokenizer: `Engine._launch_subprocesses`, called by `Engine.__init__` in sglang/srt/entrypoints/engine.py), so a
+refusal "in the first process" means zero `BaseProcess.start` calls. The wrapper only counts; it changes nothing the
+engine sees.
 """
 
 import json

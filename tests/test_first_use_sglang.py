@@ -57,7 +57,7 @@ def test_card_curl_request_answers_with_bos_and_reference_greedy_tokens(hub, ser
     card = server.complete(prompt=CARD_PROMPT, max_tokens=16, temperature=0.5)  # the card's body, fewer tokens
     assert card.status_code == 200 and card.json()["choices"][0]["text"], f"card request failed: {card.text[:300]}"
     r = server.complete(prompt=CARD_PROMPT, max_tokens=8, temperature=0, logprobs=0,
-                        return_token_ids=True)  # choices[].token_ids: serving_completions.py:622
+                        return_token_ids=True)  # choices[].token_ids: _build_completion_response
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     prompt_ids = [BOS_ID, *load_tiktoken_pickle(repo.snapshot / "tokenizer.pkl").encode_ordinary(CARD_PROMPT)]

@@ -271,9 +271,10 @@ def test_server_streaming_equals_non_streaming(server):
 
 def test_server_refuses_repetition_penalty_outside_its_range(server):
     """SGLang accepts repetition_penalty in (0, 2] only; 50 (what the vLLM server test uses) gets a 400 saying so.
-    Whether an accepted penalty is applied is not asserted here: at 2.0 the served greedy tokens equalled plain
-    greedy where the reference under SGLang's rule (penaltylib/repetition_penalty.py:11, output tokens only) differs
-    at an immediate repeat (seen 2026-11-27; open question, see the issue #14 report)."""
+    Whether an accepted penalty is applied is not asserted here: at 2.0 the served greedy tokens equalled plain greedy
+    where the reference under SGLang's rule (`apply_scaling_penalties` in
+    sglang/srt/sampling/penaltylib/repetition_penalty.py, output tokens only) differs at an immediate repeat (seen
+    2026-11-27; open question, see the issue #14 report)."""
     r = server.complete(prompt="one two three", max_tokens=4, temperature=0, repetition_penalty=50.0)
     assert r.status_code == 400 and "repetition_penalty" in error_message(r), f"{r.status_code}: {r.text[:300]}"
     assert server.complete(prompt="still there?", max_tokens=2).status_code == 200

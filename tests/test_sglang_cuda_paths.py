@@ -98,9 +98,9 @@ def test_triton_extend_path_never_runs_inside_a_prefill_cuda_graph(monkeypatch):
 
 
 def test_context_longer_than_training_is_refused(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch):
-    """With SGLang's own check lifted (SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1,
-    sglang/srt/configs/model_config.py:1302-1306), a context above the tiny checkpoint's 1024-token training
-    context passes SGLang's config and is refused by the model."""
+    """With SGLang's own check lifted (SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1, `ModelConfig._derive_context_length`
+    in sglang/srt/configs/model_config.py), a context above the tiny checkpoint's 1024-token training context passes
+    SGLang's config and is refused by the model."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.server_args import ServerArgs
 

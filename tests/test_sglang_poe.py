@@ -46,8 +46,9 @@ def engines(ckpt):
 
 
 def test_stage_override_reaches_sglang_config_and_sizes_the_kv_pool(ckpt):
-    """`--json-model-override-args` is applied to the HF config after loading (sglang/srt/utils/hf_transformers/
-    config.py:411); the KV pool has num_hidden_layers layers (model_runner_components/layer_setup.py:214-220)."""
+    """`--json-model-override-args` is applied to the HF config after loading (`get_config` in
+    sglang/srt/utils/hf_transformers/config.py); the KV pool has num_hidden_layers layers (`_compute_model_num_layers`
+    in sglang/srt/model_executor/model_runner_components/layer_setup.py)."""
     from sglang.srt.utils.hf_transformers.config import get_config
 
     import cognica_sglang

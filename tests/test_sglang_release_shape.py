@@ -24,15 +24,17 @@ from tests.sglang_utils import ENGINE_ARGS, EngineSlot, check_parity, random_pro
 
 CONTEXT = 2048
 CHUNK = 256
-# SGLang refuses prompts longer than context - 6 (shared/spec/engines.md) and caps a request at context - 2 tokens
-# in all: max_req_len = context - 1 (sglang/srt/managers/tp_worker.py:569), max_new_tokens <= max_req_len - prompt - 1
-# (scheduler.py:2711). So 2040 + 6 is the longest sequence; asking for more silently gives 6 tokens.
+# SGLang refuses prompts longer than context - 6 (shared/spec/engines.md) and caps a request at context - 2 tokens in
+# all: max_req_len = context - 1 (`TpModelWorker.get_worker_info` in sglang/srt/managers/tp_worker.py), max_new_tokens
+# <= max_req_len - prompt - 1 (`Scheduler.init_req_max_new_tokens` in sglang/srt/managers/scheduler.py). So 2040 + 6 is
+# the longest sequence; asking for more silently gives 6 tokens.
 LONG = [(1500, 40), (1777, 24), (2040, 6)]
 POOL = 3072  # max_total_tokens: one 2,048-token sequence fits, the retraction batch below does not
 N_RETRACT, RETRACT_PROMPT, RETRACT_NEW = 4, 700, 150  # 4 x 850 tokens, past the 512-key S window
 # SGLang admits a request when its prompt plus its max_new_tokens fits next to the running requests' estimated
-# growth, both estimates clipped to SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION (sglang/srt/managers/schedule_policy.py:89,
-# read when the scheduler process imports it; :1407 and :785). By default it admits only as many requests as can
+# growth, both estimates clipped to SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION (`CLIP_MAX_NEW_TOKENS` in
+# sglang/srt/managers/schedule_policy.py, read when the scheduler process imports it; used in `PrefillAdder.add_one_req`
+# and `PrefillAdder._get_running_request_total_token_offset`). By default it admits only as many requests as can
 # finish, so nothing is retracted; clipped to 64 it admits all 4 (4 x 764 <= 3,072), which then outgrow the pool
 # on their way to 4 x 850 tokens; the 3 left running fit.
 CLIP_ESTIMATE = "64"
@@ -84,9 +86,10 @@ def test_long_prompts_in_chunks_match_reference(engine, ref):
 
 def test_retraction_recomputes_exactly(engine, ref):
     """4 requests of 700 + 150 tokens overflow the 3,072-token pool: SGLang retracts some mid-decode and re-prefills
-    them with the tokens they had generated (scheduler.py:4493 `retract_decode`, reported per request as
-    meta_info["num_retractions"], tokenizer_manager.py:2512). Every greedy answer equals the reference's (tokens
-    identical, logprobs within 1e-3), and each retracted one also equals the same request run alone."""
+    them with the tokens they had generated (`ScheduleBatch.retract_decode`, from `Scheduler.update_running_batch`;
+    reported per request as meta_info["num_retractions"] by `TokenizerManager._handle_batch_output`). Every greedy
+    answer equals the reference's (tokens identical, logprobs within 1e-3), and each retracted one also equals the same
+    request run alone."""
     prompts = [random_prompt(RETRACT_PROMPT, seed=3000 + i) for i in range(N_RETRACT)]
     outs = run(engine, prompts, RETRACT_NEW, start=RETRACT_PROMPT - 1)
     retractions = [o["meta_info"]["num_retractions"] for o in outs]

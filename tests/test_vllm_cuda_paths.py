@@ -32,7 +32,7 @@ NUM_KV_HEADS, HEAD_SIZE = 2, 8
 
 def cuda_compilation_config() -> CompilationConfig:
     """The compilation config a CUDA build starts from: VLLM_COMPILE with vLLM's default splitting ops
-    (vllm/config/compilation.py:1168-1177, set_splitting_ops_for_v1)."""
+    (`CompilationConfig.set_splitting_ops_for_v1` in vllm/config/compilation.py)."""
     cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
     cc.set_splitting_ops_for_v1(all2all_backend="allgather_reducescatter")
     assert "vllm::unified_attention_with_output" in cc.splitting_ops
@@ -94,20 +94,21 @@ def padded_decode_metadata(real_positions: list[int], block_table_rows: list[lis
     num_reqs = len(real_positions)
     cu = list(range(1, num_reqs + 1))
     if runner == "v1":
-        # gpu_model_runner.py:2030-2033: query_start_loc.np[num_reqs + 1:].fill(cu_num_tokens[-1])
+        # GPUModelRunner._prepare_inputs (v1/worker/gpu_model_runner.py): query_start_loc.np[num_reqs + 1:].fill(...)
         qsl = [0] + cu + [cu[-1]] * (num_reqs_padded - num_reqs)
     else:
-        # gpu/model_runner.py:1432: query_start_loc_np[num_reqs + 1:] = num_tokens
+        # GPUModelRunner.prepare_inputs (v1/worker/gpu/model_runner.py): query_start_loc_np[num_reqs + 1:] = num_tokens
         qsl = [0] + cu + [num_reqs] * (num_reqs_padded - num_reqs)
-    # gpu_model_runner.py:2305: padded block-table rows hold NULL_BLOCK_ID (0); gpu/block_table.py:184 zeroes them
+    # padded block-table rows hold NULL_BLOCK_ID (0) (GPUModelRunner._build_attention_metadata); the gpu/ runner's
+    # BlockTables.get_dummy_block_tables zeroes them
     width = max(len(r) for r in block_table_rows)
     rows = [r + [0] * (width - len(r)) for r in block_table_rows] + [[0] * width] * (num_reqs_padded - num_reqs)
     slots = [rows[i][p // block_size] * block_size + p % block_size for i, p in enumerate(real_positions)]
-    # gpu_model_runner.py:3904 / gpu/block_table.py PAD_SLOT_ID: padded tokens have slot -1
+    # GPUModelRunner._get_slot_mappings / gpu/block_table.py PAD_SLOT_ID: padded tokens have slot -1
     slot_mapping = torch.tensor(slots + [-1] * (num_reqs_padded - num_reqs))
     meta = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
                            block_table=torch.tensor(rows, dtype=torch.int32),
-                           num_actual_tokens=num_reqs_padded,  # gpu_model_runner.py:2404: num_tokens_padded
+                           num_actual_tokens=num_reqs_padded,  # _build_attention_metadata: num_tokens_padded
                            slot_mapping=slot_mapping, max_query_len=1)
     return meta, slot_mapping
 
@@ -135,7 +136,7 @@ def test_smear_ignores_padded_requests_of_a_full_cuda_graph(runner: str):
 
 
 def test_smear_op_writes_into_the_callers_output():
-    """Piecewise replays use the input addresses captured (vllm/compilation/cuda_graph.py:346-361, no copy): the op
+    """Piecewise replays use the input addresses captured (`CUDAGraphWrapper.__call__`, no copy): the op
     must return nothing and mutate an output allocated by the caller, like `unified_attention_with_output`."""
     schema = torch.ops.vllm.cognica_smear_prev_ids.default._schema
     assert not schema.returns, f"the op returns a fresh tensor: {schema}"
@@ -151,7 +152,7 @@ def test_smear_op_writes_into_the_callers_output():
 
 
 def test_smear_takes_the_block_size_from_the_cache_tensor():
-    """vLLM may split a manager block into kernel blocks (gpu_model_runner.py:7083-7090): block tables then count
+    """vLLM may split a manager block into kernel blocks (`GPUModelRunner.initialize_kv_cache`): block tables count
     kernel blocks of the cache's own size, not `cache_config.block_size`."""
     kernel_bs = 16
     positions = [20]  # kernel block 1 of the sequence
@@ -166,8 +167,9 @@ def test_smear_takes_the_block_size_from_the_cache_tensor():
 
 @pytest.mark.parametrize("window_left", [511, None])
 def test_triton_launch_variant_is_the_same_at_warm_up_and_capture(window_left):
-    """vLLM warms a decode graph up with max_seq_len = the dummy query length (gpu_model_runner.py:5719-5720, 2286)
-    and captures it with max_seq_len = max_model_len (gpu_model_runner.py:2284): the kernel variant (split count)
+    """vLLM warms a decode graph up with max_seq_len = the dummy query length (`GPUModelRunner._dummy_run`) and
+    captures it with max_seq_len = max_model_len (`GPUModelRunner._build_attention_metadata`): the kernel variant
+    (split count)
     must not differ, or it first compiles inside stream capture."""
     max_model_len, heads, kv_heads = 2048, 16, 16  # the published model's heads
     for batch in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):  # vLLM's capture sizes
@@ -197,8 +199,9 @@ def test_fp8_kv_cache_falls_back_to_the_engines_attention(caplog, monkeypatch: p
 
 
 def test_context_longer_than_training_is_refused(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch):
-    """With vLLM's own check lifted (VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, vllm/config/model.py:2659), max_model_len above
-    the 1024-token training context of the tiny checkpoint passes vLLM's config and is refused by the model."""
+    """With vLLM's own check lifted (VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, `_get_and_verify_max_len` in
+    vllm/config/model.py), max_model_len above the 1024-token training context of the tiny checkpoint passes vLLM's
+    config and is refused by the model."""
     from vllm.config import ModelConfig, VllmConfig
 
     import cognica_vllm

@@ -1,12 +1,11 @@
 """vLLM's eager path (`enforce_eager`) with a KV pool too small for a batch (run in .venv/vllm).
 
-One eager float32 engine on the tiny checkpoint (1024-token context, 256-key S windows, 64-token prefill chunks)
-with a pool of POOL_BLOCKS KV blocks: enough for one request of the full context, far too few for a batch that
-decodes long answers, so vLLM preempts running requests (frees their blocks, recomputes them later from scratch,
-vllm/v1/core/sched/scheduler.py:794-841, _preempt_request:1571). Smear reads the previous token through the KV
-slots, so a recomputed request must come out exactly as the reference computes it. The long and chunked
-scenarios run here too, per position, on the eager path the server tests use (tests/test_vllm.py runs the same
-scenarios compiled).
+One eager float32 engine on the tiny checkpoint (1024-token context, 256-key S windows, 64-token prefill chunks) with a
+pool of POOL_BLOCKS KV blocks: enough for one request of the full context, far too few for a batch that decodes long
+answers, so vLLM preempts running requests (frees their blocks, recomputes them later from scratch, `Scheduler.schedule`
+and `Scheduler._preempt_request` in vllm/v1/core/sched/scheduler.py). Smear reads the previous token through the KV
+slots, so a recomputed request must come out exactly as the reference computes it. The long and chunked scenarios run
+here too, per position, on the eager path the server tests use (tests/test_vllm.py runs the same scenarios compiled).
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
 
 CHUNK = 64
 # 32-token blocks from one shared pool, drawn by 4 KV-cache groups of one layer each, 1 full + 3 sliding
-# (vllm/v1/core/kv_cache_utils.py:1362). A 1024-token request needs 32 full + 3 x 11 sliding = 65 blocks
-# (vLLM refuses to start with fewer); 6 requests decoding to 156-306 tokens need ~180.
+# (`_get_kv_cache_groups_uniform_page_size` in vllm/v1/core/kv_cache_utils.py). A 1024-token request needs 32 full + 3 x
+# 11 sliding = 65 blocks (vLLM refuses to start with fewer); 6 requests decoding to 156-306 tokens need ~180.
 POOL_BLOCKS = 72
 
 

@@ -189,10 +189,10 @@ def test_drafter_is_the_exact_stage1_prefix(engines, shallow_ckpt):
 
 
 def test_self_speculative_with_the_hybrid_manager_forced_on_is_refused_in_the_first_process(ckpt):
-    """vLLM 0.32 hands a draft model KV-cache group 0's metadata (gpu_model_runner.py:2532-2545): with the hybrid
-    manager the drafter would write over the target's sliding-layer KV, so forcing it on is refused. With the
-    engine core in its own process (vLLM's default), the user's exception must be that line, not vLLM's
-    "Engine core initialization failed. See root cause above"."""
+    """vLLM 0.32 hands a draft model KV-cache group 0's metadata (`GPUModelRunner._build_attention_metadata`): with the
+    hybrid manager the drafter would write over the target's sliding-layer KV, so forcing it on is refused. With the
+    engine core in its own process (vLLM's default), the user's exception must be that line, not vLLM's "Engine core
+    initialization failed. See root cause above"."""
     import subprocess
     import sys
 

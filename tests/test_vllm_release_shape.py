@@ -77,9 +77,9 @@ def check(ref, prompt: list[int], out, n: int, what: str, prompt_logprobs: bool 
 
 def test_context_longer_than_training_is_refused(release_ckpt):
     """max_model_len 2,100 would let a decode cross position 2,049, where the L layers start to slide: vLLM itself
-    refuses a max_model_len above max_position_embeddings (= sequence_len; vllm/config/model.py:2639-2666) before
-    any engine exists, naming the 2048-token limit. (With VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 the model refuses it:
-    tests/test_vllm_cuda_paths.py::test_context_longer_than_training_is_refused.)"""
+    refuses a max_model_len above max_position_embeddings (= sequence_len; `_get_and_verify_max_len` in
+    vllm/config/model.py) before any engine exists, naming the 2048-token limit. (With VLLM_ALLOW_LONG_MAX_MODEL_LEN=1
+    the model refuses it: tests/test_vllm_cuda_paths.py::test_context_longer_than_training_is_refused.)"""
     with pytest.raises(ValueError, match=r"max_model_len \(2100\) is greater than the derived max_model_len "
                                          r"\(max_position_embeddings=2048"):
         LLM(model=str(release_ckpt), dtype="float32", max_model_len=2100, skip_tokenizer_init=True)

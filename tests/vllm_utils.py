@@ -44,13 +44,14 @@ def check_prefix_cache_hit_then_decode(llm: LLM, ref, what: str) -> None:
 
 def prompt_logprobs(out, prompt: list[int]) -> list[float]:
     """vLLM's log p(prompt[t] | prompt[:t]) for t >= 1 (`prompt_logprobs=0`: each entry holds the prompt token;
-    entry 0 is None). A request with prompt log-probs never reads the prefix cache (vllm/sampling_params.py:622),
-    so every position is computed."""
+    entry 0 is None). A request with prompt log-probs never reads the prefix cache (`SamplingParams.__post_init__` in
+    vllm/sampling_params.py), so every position is computed."""
     assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt), \
         f"expected {len(prompt)} prompt logprob entries, got {len(out.prompt_logprobs or [])}"
     return [d[tok].logprob for d, tok in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)]
 
 
 def preemptions(llm: LLM) -> int:
-    """vLLM's own counter `vllm:num_preemptions` (vllm/v1/metrics/loggers.py:738), summed over engines."""
+    """vLLM's own counter `vllm:num_preemptions` (`PrometheusStatLogger.__init__` in vllm/v1/metrics/loggers.py), summed
+    over engines."""
     return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
