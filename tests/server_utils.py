@@ -281,6 +281,26 @@ def check_embedding_alone_equals_batched(server: Server, prompts: list[list[int]
     assert err < atol, f"a prompt's embedding depends on its batch: {err:.2e}"
 
 
+def check_stage_exit_embeddings(model_dir: Path, stage: int, prompts: list[list[int]], got: list[list[float]],
+                                atol: float) -> None:
+    """Embeddings served with `poe_exit_stage=stage` (`got`, in prompt order) equal the stage-prefix reference's:
+    the normed residual stream at the stage's exit (cognica.layers.exit_tail, then the final norm), L2-normalised,
+    within `atol`; and they are not the full model's (an ignored override fails here)."""
+    import torch
+
+    from cognica.model import load_reference
+
+    stage_ref = load_reference(model_dir, dtype=torch.float32, poe_exit_stage=stage)
+    full_ref = load_reference(model_dir, dtype=torch.float32)
+    for ids, emb in zip(prompts, got, strict=True):
+        want, full = reference_embedding(stage_ref, ids), reference_embedding(full_ref, ids)
+        assert (want - full).abs().max().item() > 100 * atol, \
+            f"precondition: the stage-{stage} exit's embedding should differ from the full model's ({len(ids)} tokens)"
+        err = (torch.tensor(emb) - want).abs().max().item()
+        assert err < atol, f"{len(ids)} tokens: embedding off the reference's normed stage-{stage} exit by {err:.2e}" \
+            f" (off the full model's by {(torch.tensor(emb) - full).abs().max().item():.2e})"
+
+
 def check_bad_request(server: Server, name: str, body: dict, outcome: str) -> None:
     """The server answers a `BAD_REQUESTS` entry as promised and still serves a normal request afterwards."""
     r = post_raw(server, body)

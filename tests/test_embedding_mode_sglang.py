@@ -22,7 +22,9 @@ from cognica.factory import make_checkpoint  # noqa: E402
 from tests.server_utils import (  # noqa: E402
     check_embedding_alone_equals_batched,
     check_embeddings_equal_reference,
+    check_stage_exit_embeddings,
     check_text_embedding_has_bos_once,
+    embeddings,
     free_port,
     serve,
 )
@@ -64,6 +66,22 @@ def test_text_input_is_embedded_with_bos_prepended_once(server):
 
 def test_embedding_of_a_prompt_alone_equals_it_in_a_batch(server):
     check_embedding_alone_equals_batched(server, PROMPTS, ATOL)
+
+
+def test_stage_prefix_embedding_equals_the_reference_stage_exit(tmp_path):
+    """`--json-model-override-args '{"poe_exit_stage": 1}'` on a PoE checkpoint: the pooled hidden state is the
+    stage-1 exit's (layers 0-1, no backout), normed and L2-normalised."""
+    poe = make_checkpoint(tmp_path / "poe", preset="tiny", seed=5, tokenizer=False, progress=False, n_layer=8,
+                          poe_mode="flat", poe_every=2)
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(poe), "--device", "cpu",
+           "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192", "--is-embedding",
+           "--skip-tokenizer-init", "--json-model-override-args", '{"poe_exit_stage": 1}']
+    with serve(cmd, "default", port, tmp_path / "server.log", unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",),
+               startup_s=300, model_dir=poe) as s:
+        got = embeddings(s, PROMPTS)
+    check_stage_exit_embeddings(poe, 1, PROMPTS, got, ATOL)
 
 
 def test_logop_head_in_embedding_mode_is_refused_in_the_first_process(tmp_path):

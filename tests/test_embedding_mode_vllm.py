@@ -7,6 +7,7 @@ is refused at start (cognica_vllm.config_checks). Run in .venv/vllm.
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cognica.factory import make_checkpoint
 from tests.server_utils import (
     check_embedding_alone_equals_batched,
     check_embeddings_equal_reference,
+    check_stage_exit_embeddings,
     check_text_embedding_has_bos_once,
     free_port,
     serve,
@@ -53,6 +55,28 @@ def test_text_input_is_embedded_with_bos_prepended_once(server):
 
 def test_embedding_of_a_prompt_alone_equals_it_in_a_batch(server):
     check_embedding_alone_equals_batched(server, PROMPTS, ATOL)
+
+
+def test_stage_prefix_embedding_equals_the_reference_stage_exit(tmp_path, monkeypatch):
+    """`hf_overrides={"poe_exit_stage": 1}` (`--hf-overrides`) on a PoE checkpoint: the pooled hidden state is the
+    stage-1 exit's (layers 0-1, no backout), normed and L2-normalised. In-process and eager, to keep it cheap."""
+    from vllm import LLM
+
+    from cognica.tokenizer import convert_tokenizer
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    poe = make_checkpoint(tmp_path / "poe", preset="tiny", seed=5, progress=False, n_layer=8, poe_mode="flat",
+                          poe_every=2)
+    convert_tokenizer(poe)  # the pooling path renders prompts through the tokenizer, token ids included
+    llm = LLM(model=str(poe), runner="pooling", hf_overrides={"poe_exit_stage": 1}, max_model_len=1024,
+              block_size=32, dtype="float32", enforce_eager=True, max_num_batched_tokens=256, seed=0)
+    try:
+        got = [o.outputs.embedding for o in llm.embed([{"prompt_token_ids": p} for p in PROMPTS], use_tqdm=False)]
+    finally:
+        del llm
+        gc.collect()
+    check_stage_exit_embeddings(poe, 1, PROMPTS, got, ATOL)
 
 
 def test_logop_head_under_the_pooling_runner_is_refused_at_start(tmp_path):
