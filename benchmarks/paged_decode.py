@@ -171,7 +171,7 @@ class PagedCognica:
                 x_backout = x
         # the reference's single-exit head (not the PoE Log-OP one): backout, final norm, lm_head, soft-cap
         tail = layers.exit_tail(x, x_backout, ref.backout_lambda, cfg.exit_backout(cfg.n_layer - 1))
-        return layers.exit_logits(tail, ref.lm_head, cfg.vocab_size)
+        return layers.softcap(ref.lm_head(layers.readout([tail]))[..., :cfg.vocab_size])
 
 
 def _step(seq_idx: list[int], ids: list[list[int]], starts: list[int], prevs: list[int], device: torch.device) -> Step:

@@ -161,6 +161,21 @@ class CognicaConfig:
         return tuple(e for e in self.stage_ends if e < self.n_active_layers)
 
     @property
+    def readout_layers(self) -> tuple[int, ...]:
+        """The layers whose residual stream the head reads: every built stage end (the Log-OP head) or the last
+        built layer (the final head, also of a stage prefix)."""
+        return self.active_stage_ends if self.poe_head == "logop" else (self.n_active_layers - 1,)
+
+    def local_kv_heads(self, tp_size: int, tp_rank: int) -> range:
+        """The KV heads a tensor-parallel rank holds, as the engines' QKVParallelLinear shards them: partitioned
+        when n_kv_head >= tp_size, else each head replicated over tp_size // n_kv_head ranks."""
+        if self.n_kv_head >= tp_size:
+            per = self.n_kv_head // tp_size
+            return range(tp_rank * per, (tp_rank + 1) * per)
+        first = tp_rank // (tp_size // self.n_kv_head)
+        return range(first, first + 1)
+
+    @property
     def uses_stages(self) -> bool:
         """True when the forward reads an intermediate stage (a prefix exit or the Log-OP head)."""
         return self.n_active_layers < self.n_layer or self.poe_head == "logop"

@@ -11,6 +11,7 @@ ValueError naming it instead of being ignored.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,8 +71,6 @@ def _processors(config: Any) -> Any:
 def generate(gpt: Any, input_ids: torch.Tensor, default_config: Any = None, attention_mask: torch.Tensor | None = None,
              **kwargs: Any) -> torch.Tensor:
     """[B, T] prompt ids -> [B, T + new] ids, as transformers' `generate` returns them."""
-    from cognica.model import KVCache
-
     config = _merged_config(default_config, kwargs)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"generate() needs input_ids of shape [batch, length >= 1], got {list(input_ids.shape)}")
@@ -85,20 +84,31 @@ def generate(gpt: Any, input_ids: torch.Tensor, default_config: Any = None, atte
     pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     procs = _processors(config)
 
-    ids = input_ids.to(gpt.lm_head.weight.device)
-    cache = KVCache.empty(gpt.config.n_layer)
-    logits = gpt(ids, cache)[:, -1]
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max(max_new, 0)):
+    def pick(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         scores = procs(ids, logits.float())
-        if config.do_sample:
-            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
-        else:
-            nxt = scores.argmax(dim=-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0] if config.do_sample else scores.argmax(-1)
+
+    return decode(gpt, input_ids, max_new, pick, eos, pad)
+
+
+def decode(gpt: Any, input_ids: torch.Tensor, max_new: int,
+           pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], stop_ids: torch.Tensor,
+           pad: int) -> torch.Tensor:
+    """The KV-cache decoding loop of the reference model (`CognicaGPT.generate` and `generate` above): [B, T]
+    prompt ids -> [B, T + new] ids; `pick(ids so far, last logits)` chooses each next token; a row that produced a
+    stop id is padded with `pad` from then on, and the loop ends when every row has stopped."""
+    from cognica.model import KVCache
+
+    ids = input_ids.to(gpt.lm_head.weight.device)
+    cache = KVCache.empty(gpt.config.n_active_layers)
+    logits = gpt(ids, cache)[:, -1]
+    stop_ids = stop_ids.to(ids.device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for step in range(max(max_new, 0)):
+        nxt = torch.where(done, torch.full_like(done, pad, dtype=ids.dtype), pick(ids, logits))
         ids = torch.cat([ids, nxt[:, None]], dim=1)
-        done |= torch.isin(nxt, eos)
-        if bool(done.all()):
+        done |= torch.isin(nxt, stop_ids)
+        if bool(done.all()) or step == max_new - 1:
             break
         logits = gpt(nxt[:, None], cache)[:, -1]
     return ids

@@ -128,10 +128,21 @@ def exit_tail(x: torch.Tensor, x_backout: torch.Tensor | None, backout_lambda: t
     return backout(x, x_backout, backout_lambda)
 
 
-def exit_logits(x: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """softcap(lm_head(norm(x)))[..., :vocab_size] in fp32 for an exit's tail `x`: the shared final norm, head
-    and soft-cap that every stage of the PoE twin was trained through."""
-    return softcap(lm_head(norm(x))[..., :vocab_size])
+def readout(tails: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The head's input: the normed tails of `config.readout_layers`, side by side ([..., n * n_embd]; one tail for
+    the final head). Every engine's model returns this; `head_logits` reads it."""
+    return norm(tails[0]) if len(tails) == 1 else torch.cat([norm(t) for t in tails], dim=-1)
+
+
+def head_logits(hidden: torch.Tensor, n_embd: int,
+                stage_logits: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor | None:
+    """The head over `readout`'s output: `stage_logits` (lm_head, vocabulary cut and soft-cap: the reference's or
+    an engine's logits processor) of the one tail; with several (the Log-OP head), their Log-OP combination.
+    None passes through (an engine rank that holds no logits)."""
+    if hidden.shape[-1] == n_embd:
+        return stage_logits(hidden)
+    stages = [stage_logits(h) for h in hidden.split(n_embd, dim=-1)]
+    return None if stages[0] is None else logop_from_logits(stages)
 
 
 def logop_from_logits(stage_logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -142,9 +153,3 @@ def logop_from_logits(stage_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     for logits in stage_logits:
         total += torch.log_softmax(logits.float(), dim=-1)
     return total / len(stage_logits)
-
-
-def logop_logits(xs: Sequence[torch.Tensor], lm_head: Callable[[torch.Tensor], torch.Tensor],
-                 vocab_size: int) -> torch.Tensor:
-    """The Log-OP head over the stage-end tails `xs`: mean_e log_softmax(exit_logits(x_e))."""
-    return logop_from_logits([exit_logits(x, lm_head, vocab_size) for x in xs])

@@ -12,7 +12,7 @@ nanochat GPT as of a825e63 (see shared/spec/model.md). Notable, in forward order
 - untied lm_head, logits soft-capped at 15 in fp32.
 PoE stage modes (config `poe_exit_stage`, `poe_head`): a stage prefix builds only layers 0..n_active_layers-1
 and predicts through `layers.exit_tail` + the shared norm/head/soft-cap; the Log-OP head averages the stage-end
-log-softmaxes (`layers.logop_logits`). Parameter names are nanochat's, so a canonical state dict loads as is.
+log-softmaxes (`layers.head_logits`). Parameter names are nanochat's, so a canonical state dict loads as is.
 """
 
 from __future__ import annotations
@@ -121,8 +121,6 @@ class CognicaGPT(nn.Module):
         self.value_embeds = nn.ModuleDict(
             {str(i): nn.Embedding(v, cfg.kv_dim) for i in cfg.ve_layers if i < cfg.n_active_layers}
         )
-        # the layers whose residual stream is read out: every built stage end (Log-OP) or the last built layer
-        self.exits = cfg.active_stage_ends if cfg.poe_head == "logop" else (cfg.n_active_layers - 1,)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -153,13 +151,12 @@ class CognicaGPT(nn.Module):
             x = block(x, ve, cos, sin, cache)
             if i == cfg.backout_layer:
                 x_backout = x
-            if i in self.exits:
+            if i in cfg.readout_layers:
                 tails.append(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i)))
         if cache is not None:
             cache.pos += T
-        if cfg.poe_head == "logop":
-            return layers.logop_logits(tails, self.lm_head, cfg.vocab_size)
-        return layers.exit_logits(tails[0], self.lm_head, cfg.vocab_size)
+        return layers.head_logits(layers.readout(tails), cfg.n_embd,
+                                  lambda h: layers.softcap(self.lm_head(h)[..., :cfg.vocab_size]))
 
     @torch.inference_mode()
     def generate(
@@ -171,21 +168,15 @@ class CognicaGPT(nn.Module):
             return [self.generate([p], max_new_tokens, temperature, top_k, seed, stop_ids)[0] for p in prompts]
         if not prompts or not prompts[0]:
             raise ValueError("generate needs at least one non-empty prompt")
-        device = self.lm_head.weight.device
-        gen = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache.empty(self.config.n_active_layers)
-        logits = self(torch.tensor(prompts, device=device), cache)[:, -1]
-        out: list[list[int]] = [[] for _ in prompts]
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, gen)
-            for b, tok in enumerate(nxt.tolist()):
-                if not done[b]:
-                    out[b].append(tok)
-            done |= torch.isin(nxt, torch.tensor(stop_ids, device=device, dtype=nxt.dtype))
-            if bool(done.all()) or len(out[0]) == max_new_tokens:
-                break
-            logits = self(nxt[:, None], cache)[:, -1]
+        from cognica.generation import decode
+
+        gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        ids = decode(self, torch.tensor(prompts), max_new_tokens, lambda _, logits: sample(logits, temperature, top_k,
+                     gen), torch.tensor(stop_ids, dtype=torch.long), pad=0)
+        out = []
+        for row in ids[:, len(prompts[0]):].tolist():
+            stop = next((j for j, t in enumerate(row) if t in stop_ids), None)
+            out.append(row if stop is None else row[:stop + 1])
         return out
 
     @torch.inference_mode()

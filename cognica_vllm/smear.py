@@ -52,6 +52,12 @@ class SmearState(nn.Module):
         compilation.static_forward_context[prefix] = self
         split_graph_at(vllm_config, OP_NAME)
 
+    def previous(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record this step's token ids at their KV slots and return, per token, the previous token id of its
+        sequence (0 where there is none) and whether there is one ([T, 1] bool): what `layers.smear` takes."""
+        prev = smear_prev_ids(input_ids, positions, self.name)
+        return prev.clamp(min=0), (prev >= 0).unsqueeze(-1)
+
     def buffer(self, num_slots: int, device: torch.device) -> torch.Tensor:
         """The buffer, sized from the bound KV cache of the full-attention layer on first use (a warm-up or
         profiling run with metadata, which vLLM runs eagerly before it captures a graph)."""

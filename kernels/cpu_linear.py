@@ -99,3 +99,10 @@ class UpcastLinear:
     @property
     def extra_bytes(self) -> int:
         return self.weight_f32.numel() * self.weight_f32.element_size()
+
+
+def upcast_summary(switched: int, dtype: torch.dtype, extra_bytes: int) -> str:
+    """The one log line both plugins print after switching `switched` linear layers to `UpcastLinear`."""
+    return (f"cognica: {switched} {str(dtype).removeprefix('torch.')} linear layers take fp32 weight copies from "
+            f"{min_rows()} rows on (this CPU has no bf16 matmul instructions; +{extra_bytes / 2**30:.2f} GiB; "
+            f"{CPU_LINEAR_ENV}=off to disable)")

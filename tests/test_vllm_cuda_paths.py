@@ -211,5 +211,5 @@ def test_context_longer_than_training_is_refused(tiny_ckpt: Path, monkeypatch: p
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     config = VllmConfig(model_config=ModelConfig(model=str(tiny_ckpt), max_model_len=2048, skip_tokenizer_init=True))
     assert config.model_config.max_model_len == 2048, "vLLM's own check did not let the longer context through"
-    with pytest.raises(ValueError, match="max_model_len 2048 is longer than the 1024-token context"):
+    with pytest.raises(ValueError, match="--max-model-len 2048 is longer than the 1024-token context"):
         CognicaPoEForCausalLM(vllm_config=config)

@@ -20,8 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cognica.checkpoint import QUANTIZABLE, CheckpointError, canonical_name, open_checkpoint
+from cognica.checkpoint import CheckpointError, canonical_name, open_checkpoint
 from cognica.model import CognicaGPT, load_reference
+from cognica.quantization import QUANTIZABLE
 from tests.utils import assert_bf16_close, random_prompts
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
