@@ -31,8 +31,9 @@ def _hybrid_swa_override(server_args: Any, hf_config: Any) -> dict:
 
 
 def _check_stage_options(server_args: Any, hf_config: Any) -> dict:
-    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`), and refuse LoRA and
-    the Log-OP head in embedding mode, in the first process:
+    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`), and refuse LoRA where
+    SGLang cannot run it (`cognica_sglang.lora.check_lora_server_args`) and the Log-OP head in embedding mode, in the
+    first process:
     SGLang calls model overrides on the config with those args applied (sglang/srt/arg_groups/model_hook.py:166, 233),
     before any scheduler starts; a refusal raised later, in the scheduler, only kills the engine (SIGQUIT)."""
     from sglang.srt.arg_groups.model_override_base import resolving_view
@@ -42,10 +43,9 @@ def _check_stage_options(server_args: Any, hf_config: Any) -> dict:
     cfg = cognica_config(hf_config)  # ConfigError, e.g. a stage exit on a poe_mode="none" (BP) checkpoint without force
     view = resolving_view(server_args)
     if getattr(view, "enable_lora", False) or getattr(view, "lora_paths", None):
-        # SGLang's LoRAManager asks the model for get_hidden_dim / module-name mappings we do not provide yet; left
-        # alone it fails later with "get_hidden_dim not implemented for c_q" (or, worse, adapts the wrong rows)
-        raise ValueError("cognica: LoRA adapters are not supported on SGLang yet (--enable-lora / --lora-paths); "
-                         "vLLM serves them: vllm serve DIR --enable-lora --lora-modules NAME=ADAPTER")
+        from cognica_sglang.lora import check_lora_server_args
+
+        check_lora_server_args(view)  # no CUDA driver: SGLang's LoRA layers cannot pin host memory
     if cfg.poe_head == "logop" and getattr(view, "is_embedding", False):
         raise ValueError("cognica: --is-embedding pools the final hidden state, which the Log-OP head "
                          "(poe_head='logop') does not have (it combines several stage ends); serve it without "
@@ -58,7 +58,9 @@ def _refuse_requests_that_crash_the_scheduler(manager: Any, obj: Any, input_ids:
     """BEFORE hook on TokenizerManager._validate_one_request (SGLang's plugin HookRegistry). SGLang 0.5.23 range-checks
     neither prompt token ids (an id >= vocab_size crashes the scheduler in the embedding lookup) nor the number of
     top logprobs (more than the vocab crashes `topk`); prompt embeddings (`input_embeds`, which the tokenizer manager
-    passes on with `--disable-radix-cache`) would raise inside the scheduler's forward and drop the connection.
+    passes on with `--disable-radix-cache`) would raise inside the scheduler's forward and drop the connection, and
+    embeddings placed at positions (`positional_embed_overrides`, GenerateReqInput's field) would replace rows the
+    value embeddings and smear compute from token ids.
     A ValueError here becomes a 400 and the server keeps serving."""
     cfg = manager.model_config
     if getattr(cfg.hf_config, "model_type", None) != "cognica_poe":
@@ -66,6 +68,9 @@ def _refuse_requests_that_crash_the_scheduler(manager: Any, obj: Any, input_ids:
     if getattr(obj, "input_embeds", None) is not None:
         raise ValueError("cognica: input_embeds are not supported (value embeddings and smear need token ids); "
                          "send text or input_ids")
+    if getattr(obj, "positional_embed_overrides", None) is not None:
+        raise ValueError("cognica: positional_embed_overrides are not supported (value embeddings and smear read "
+                         "token ids, not embeddings); send text or input_ids")
     bad = next((t for t in input_ids or () if not isinstance(t, int) or t < 0 or t >= cfg.vocab_size), None)
     if bad is not None:
         raise ValueError(f"prompt token id {bad!r} is out of range: valid ids are 0..{cfg.vocab_size - 1}")
@@ -76,12 +81,18 @@ def _refuse_requests_that_crash_the_scheduler(manager: Any, obj: Any, input_ids:
     return None
 
 
+# what register() has registered in this process (SGLang calls it more than once: engine, scheduler, detokenizer);
+# our own record, so idempotence reads no SGLang private
+_registered: set[str] = set()
+
+
 def register() -> None:
-    """Register the config, the model classes and the CPU override with SGLang (idempotent)."""
+    """Register the config, the model classes, the CPU override and the plugin hooks (request checks, LoRA names:
+    `cognica_sglang.lora.LORA_HOOKS`) with SGLang (idempotent)."""
     from cognica.hf import register as register_config
 
     register_config()  # config, reference model and the BOS-once tokenizer class: no remote code
-    from sglang.srt.arg_groups.model_override_base import _MODEL_OVERRIDE_FNS, register_model_override
+    from sglang.srt.arg_groups.model_override_base import register_model_override
     from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -89,9 +100,15 @@ def register() -> None:
 
     for cls in EntryClass:
         ModelRegistry.models.setdefault(cls.__name__, cls)
-        for fn in (_hybrid_swa_override, _check_stage_options):
-            if fn not in _MODEL_OVERRIDE_FNS.get(cls.__name__, ()):
+        if cls.__name__ not in _registered:
+            for fn in (_hybrid_swa_override, _check_stage_options):
                 register_model_override(cls.__name__)(fn)
-    target = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
-    if not any(fn is _refuse_requests_that_crash_the_scheduler for _, fn, *_ in HookRegistry._hooks.get(target, [])):
-        HookRegistry.register(target, _refuse_requests_that_crash_the_scheduler, HookType.BEFORE)
+            _registered.add(cls.__name__)
+    from cognica_sglang.lora import LORA_HOOKS
+
+    hooks = [("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+              _refuse_requests_that_crash_the_scheduler, "BEFORE"), *LORA_HOOKS]
+    for target, hook, kind in hooks:
+        if target not in _registered:
+            HookRegistry.register(target, hook, HookType[kind])
+            _registered.add(target)
