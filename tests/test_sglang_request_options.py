@@ -86,6 +86,8 @@ OPTIONS: list[tuple[str, tuple[str, dict], str]] = [
         "max_new_tokens": 2}}), "4xx"),
     ("native: input_embeds beside input_ids (SGLang drops the embeds)", generate(input_embeds=[[0.0] * 128] * 4),
      "ok"),
+    ("native: positional_embed_overrides", generate(positional_embed_overrides={"embeds": [[0.0] * 128],
+                                                                                "positions": [1]}), "4xx"),
     ("native: lora_path without LoRA", generate(lora_path="some-adapter"), "4xx"),
     ("chat completion (base model: no chat template)",
      ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}), "4xx"),
