@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -23,11 +24,9 @@ from tests.hub_fixture import (
     run_python,
     snapshot_state,
 )
+from tests.launch_utils import BOS_ID, CONVERTED
 
 pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
-
-BOS_ID = 32759
-CONVERTED = "cognica: converted"  # the one line a conversion logs (cognica.tokenizer.converted_tokenizer)
 
 # The card's transformers snippets, verbatim apart from dropping trust_remote_code=True (and .cuda(): CPU), after
 # `import cognica`; then the PoE twin's id and an unsupported generate keyword. Prints one JSON line.
@@ -106,13 +105,19 @@ def result(proc: subprocess.CompletedProcess) -> object:
         return payload
 
 
+class Hub(NamedTuple):
+    bp: HubRepo
+    poe: HubRepo
+    state: dict  # the BP snapshot's state before any test touched it
+
+
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> tuple[HubRepo, HubRepo, dict]:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Hub:
     """The BP and PoE repos in one offline HF_HOME, and the BP snapshot's state before any test touched it."""
     src, hf_home = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("hf_home")
     bp = make_hub_repo(hf_home, BP_REPO, published_checkpoint(src / "bp"))
     poe = make_hub_repo(hf_home, POE_REPO, published_checkpoint(src / "poe", poe=True))
-    return bp, poe, snapshot_state(bp.snapshot)
+    return Hub(bp, poe, snapshot_state(bp.snapshot))
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +142,14 @@ def reference_greedy(ref: torch.nn.Module, ids: list[int], n: int, repetition_pe
     return seq[0].tolist()
 
 
+def assert_generate_is_reference_greedy(snapshot: Path, prompt: list[int], out: list[int], n: int, what: str,
+                                        repetition_penalty: float = 1.0) -> None:
+    """`out` (a generate() output: prompt and continuation) is the fp32 reference's greedy `n` tokens after
+    `prompt`, the reference loaded from `snapshot`."""
+    want = reference_greedy(load_reference(snapshot, dtype=torch.float32), prompt, n, repetition_penalty)
+    assert out == want, f"{what} differs from the reference:\n{out}\n{want}"
+
+
 def test_card_tokenizer_prepends_bos_once_and_matches_tiktoken(hub, card_run):
     bp, _, _ = hub
     got, _ = card_run
@@ -147,12 +160,10 @@ def test_card_tokenizer_prepends_bos_once_and_matches_tiktoken(hub, card_run):
 
 
 def test_card_generate_equals_reference_with_repetition_penalty(hub, card_run):
-    bp, _, _ = hub
     got, _ = card_run
     assert got["dtype"] == "torch.float32", f"dtype='auto' must follow config.json's torch_dtype, got {got['dtype']}"
-    ref = load_reference(bp.snapshot, dtype=torch.float32)
-    want = reference_greedy(ref, got["ids"], 40, repetition_penalty=1.15)
-    assert got["out"] == want, f"generate() differs from the reference:\n{got['out']}\n{want}"
+    assert_generate_is_reference_greedy(hub.bp.snapshot, got["ids"], got["out"], 40, "generate()",
+                                        repetition_penalty=1.15)
     assert got["dtype16"] == "torch.bfloat16", f"torch_dtype=torch.bfloat16 must load bf16, got {got['dtype16']}"
     assert len(got["ids"]) < got["out16_len"] <= len(got["ids"]) + 40, "the card's bf16 generate must generate"
 
@@ -174,12 +185,10 @@ def test_generate_refuses_an_unsupported_keyword(card_run):
 
 
 def test_poe_twin_id_takes_the_same_path(hub, card_run):
-    _, poe, _ = hub
     got, _ = card_run
     assert got["poe_mode"] == "flat", f"the PoE id must load its own config, got poe_mode={got['poe_mode']!r}"
-    ref = load_reference(poe.snapshot, dtype=torch.float32)
-    want = reference_greedy(ref, got["poe_out"][:len(got["ids"])], 6)
-    assert got["poe_out"] == want, f"PoE generate differs from the reference:\n{got['poe_out']}\n{want}"
+    assert_generate_is_reference_greedy(hub.poe.snapshot, got["poe_out"][:len(got["ids"])], got["poe_out"], 6,
+                                        "PoE generate")
 
 
 def test_first_load_converts_once_and_a_second_load_does_not(hub, card_run):

@@ -122,12 +122,6 @@ def test_header_of_arbitrary_bytes_raises_only_checkpoint_error(scratch, blob):
 
 
 @FUZZ
-@given(data=st.data())
-def test_mutated_valid_file_raises_only_checkpoint_error(scratch, data):
-    check_header(scratch / "mutated.safetensors", mutate(VALID_FILE, data))
-
-
-@FUZZ
 @given(header=st.dictionaries(st.text(max_size=6), header_entries | json_values(2), max_size=4),
        size=st.integers(0, 48))
 def test_fuzzed_header_fields_raise_only_checkpoint_error(scratch, header, size):
@@ -174,12 +168,6 @@ def test_tokenizer_pickle_of_arbitrary_bytes_raises_only_tokenizer_error(scratch
     check_pickle(scratch / "arbitrary.pkl", blob)
 
 
-@FUZZ
-@given(data=st.data())
-def test_mutated_encoding_pickle_raises_only_tokenizer_error(scratch, data):
-    check_pickle(scratch / "mutated.pkl", mutate(SMALL_ENCODING, data))
-
-
 encoding_states = st.fixed_dictionaries({}, optional={
     "name": st.text(max_size=5) | json_values(1),
     "pat_str": st.sampled_from([r"\w+|\s+", "(", r"\p{L}+", ""]) | json_values(1),
@@ -195,6 +183,18 @@ encoding_states = st.fixed_dictionaries({}, optional={
 @example(state={"name": "x", "pat_str": r"\w+", "mergeable_ranks": {b"a": -1}, "special_tokens": {"<s>": -5}})
 def test_fuzzed_encoding_state_raises_only_tokenizer_error(scratch, state):
     check_pickle(scratch / "state.pkl", encoding_pickle(state))
+
+
+# ---- a valid file of each, mutated -----------------------------------------------------------------------
+
+MUTATED = [(check_header, VALID_FILE, "mutated.safetensors"), (check_pickle, SMALL_ENCODING, "mutated.pkl")]
+
+
+@FUZZ
+@given(data=st.data())
+@pytest.mark.parametrize("check,valid,name", MUTATED, ids=["safetensors_header", "encoding_pickle"])
+def test_mutated_valid_file_raises_only_its_parsers_error(scratch, check, valid, name, data):
+    check(scratch / name, mutate(valid, data))
 
 
 def test_small_encoding_pickle_loads(scratch):

@@ -29,15 +29,10 @@ import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
 from cognica.chat import TEMPLATE_PATH  # noqa: E402
 from cognica.factory import make_checkpoint  # noqa: E402
 from cognica.model import load_reference  # noqa: E402
+from tests.launch_utils import OpenAIServerTests  # noqa: E402
 from tests.server_utils import (  # noqa: E402
-    BAD_REQUESTS,
-    check_bad_request,
     check_engine_refuses_bad_checkpoints,
-    check_kv_allocation_logged,
     check_server_refuses_bad_checkpoint,
-    check_short_soak,
-    check_streaming_equals_non_streaming,
-    check_survives_disconnect,
     error_message,
     free_port,
     serve,
@@ -265,10 +260,6 @@ def test_server_streams_completions_with_logprobs_matching_reference(server, ref
     assert err < FP32_LOGPROB_ATOL, f"streamed logprobs off the reference by {err:.2e}"
 
 
-def test_server_streaming_equals_non_streaming(server):
-    check_streaming_equals_non_streaming(server)
-
-
 def test_server_refuses_repetition_penalty_outside_its_range(server):
     """SGLang accepts repetition_penalty in (0, 2] only; 50 (what the vLLM server test uses) gets a 400 saying so.
     Whether an accepted penalty is applied is not asserted here: at 2.0 the served greedy tokens equalled plain greedy
@@ -278,11 +269,6 @@ def test_server_refuses_repetition_penalty_outside_its_range(server):
     r = server.complete(prompt="one two three", max_tokens=4, temperature=0, repetition_penalty=50.0)
     assert r.status_code == 400 and "repetition_penalty" in error_message(r), f"{r.status_code}: {r.text[:300]}"
     assert server.complete(prompt="still there?", max_tokens=2).status_code == 200
-
-
-def test_server_logs_its_kv_allocation(server):
-    """The marker whose absence the bad-checkpoint tests assert is what this server logged when it did start."""
-    check_kv_allocation_logged("sglang", server)
 
 
 def test_server_prepends_bos_to_text_prompts(server):
@@ -313,18 +299,10 @@ def test_server_rejects_overlong_prompt_with_400_and_keeps_serving(server):
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None, "server stopped serving"
 
 
-@pytest.mark.parametrize("name,body,outcome", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_server_bad_request_gets_clear_answer_and_keeps_serving(server, name, body, outcome):
-    check_bad_request(server, name, body, outcome)
+class TestOpenAIServer(OpenAIServerTests):
+    """Streaming, bad requests, a disconnecting client, a short soak and the KV-allocation log line, as on vLLM."""
 
-
-def test_server_survives_client_disconnect_mid_stream(server):
-    check_survives_disconnect(server)
-
-
-def test_server_short_soak_every_answer_equals_the_request_alone(server):
-    check_short_soak(server)
-
+    engine = "sglang"
 
 
 def test_triton_attention_is_chosen_on_cuda_extend_only_when_opted_in(monkeypatch):

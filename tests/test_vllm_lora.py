@@ -155,22 +155,15 @@ def test_zero_b_adapter_gives_the_base_models_tokens_and_logprobs(llm, ref32, ad
         assert worst == 0.0, f"B = 0 adapter moved a logprob by {worst:.2e} ({len(prompt)}-token prompt)"
 
 
-def test_adapter_on_every_projection_matches_the_merged_reference(llm, adapters):
-    request, ref = adapters["all"]
-    [prompt] = random_prompts([700], seed=22)
+@pytest.mark.parametrize("adapter,seed,what", [("all", 22, "adapter on all projections"),
+                                               ("vocab", 23, "adapter on wte and lm_head")],
+                         ids=["every_projection", "wte_and_lm_head"])
+def test_adapter_matches_the_merged_reference(llm, adapters, adapter, seed, what):
+    request, ref = adapters[adapter]
+    [prompt] = random_prompts([700], seed=seed)
     tokens, logprobs, out = run(llm, [prompt], [request], with_prompt_logprobs=True)[0]
-    assert_fp32_parity(ref, prompt, tokens, logprobs, "adapter on all projections", n_new=NEW)
-    assert_prompt_logprobs_parity(ref, prompt, prompt_logprobs(out, prompt), "adapter on all projections",
-                                  chunk=CHUNK)
-
-
-def test_adapter_on_wte_and_lm_head_matches_the_merged_reference(llm, adapters):
-    request, ref = adapters["vocab"]
-    [prompt] = random_prompts([700], seed=23)
-    tokens, logprobs, out = run(llm, [prompt], [request], with_prompt_logprobs=True)[0]
-    assert_fp32_parity(ref, prompt, tokens, logprobs, "adapter on wte and lm_head", n_new=NEW)
-    assert_prompt_logprobs_parity(ref, prompt, prompt_logprobs(out, prompt), "adapter on wte and lm_head",
-                                  chunk=CHUNK)
+    assert_fp32_parity(ref, prompt, tokens, logprobs, what, n_new=NEW)
+    assert_prompt_logprobs_parity(ref, prompt, prompt_logprobs(out, prompt), what, chunk=CHUNK)
 
 
 def test_two_adapters_and_the_base_in_one_batch_each_match_their_reference(llm, ref32, adapters):

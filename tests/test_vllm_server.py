@@ -13,23 +13,16 @@ from transformers import AutoTokenizer
 from cognica.chat import STOP_TOKEN, TEMPLATE_PATH, chat_template
 from cognica.hf import register
 from cognica.model import load_reference
+from tests.launch_utils import BOS_ID, OpenAIServerTests
 from tests.server_utils import (
-    BAD_REQUESTS,
-    check_bad_request,
     check_engine_refuses_bad_checkpoints,
-    check_kv_allocation_logged,
     check_server_refuses_bad_checkpoint,
-    check_short_soak,
-    check_streaming_equals_non_streaming,
-    check_survives_disconnect,
     free_port,
     serve,
 )
 from tests.utils import assert_fp32_parity
 
 pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
-
-BOS = 32759
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +55,8 @@ def completion_ids(server, prompt: str, **kw) -> tuple[list[int], list[float]]:
 def test_server_completion_matches_reference_with_bos_prepended_once(server, tokenizer, tiny_ckpt):
     ref = load_reference(tiny_ckpt, dtype=torch.float32)
     ids = tokenizer("The capital of France is").input_ids
-    assert ids[0] == BOS and ids[1] != BOS, f"tokenizer must prepend <|bos|> once, got {ids[:3]}"
-    assert tokenizer("<|bos|>The capital").input_ids.count(BOS) == 1, "an explicit <|bos|> must not be doubled"
+    assert ids[0] == BOS_ID and ids[1] != BOS_ID, f"tokenizer must prepend <|bos|> once, got {ids[:3]}"
+    assert tokenizer("<|bos|>The capital").input_ids.count(BOS_ID) == 1, "an explicit <|bos|> must not be doubled"
     tokens, logprobs = completion_ids(server, "The capital of France is", max_tokens=12)
     assert len(tokens) == 12 and all(lp <= 0 for lp in logprobs), "12 tokens with log-probabilities expected"
     assert_fp32_parity(ref, ids, tokens, logprobs, "served completion (float32)", n_new=12)
@@ -88,10 +81,6 @@ def test_chat_completion_with_the_nanochat_template_matches_reference(server, to
     logprobs = [t["logprob"] for t in choice["logprobs"]["content"]]
     ref = load_reference(tiny_ckpt, dtype=torch.float32)
     assert_fp32_parity(ref, ids, tokens, logprobs, "chat completion (float32)")
-
-
-def test_streaming_equals_non_streaming(server):
-    check_streaming_equals_non_streaming(server)
 
 
 def test_repetition_penalty_blocks_repeats(server, tokenizer):
@@ -120,28 +109,16 @@ def test_prompt_longer_than_context_gets_400_and_server_keeps_serving(server):
     assert server.complete(prompt="hello", max_tokens=2).status_code == 200
 
 
-@pytest.mark.parametrize("name,body,outcome", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_request_gets_clear_answer_and_server_keeps_serving(server, name, body, outcome):
-    check_bad_request(server, name, body, outcome)
+class TestOpenAIServer(OpenAIServerTests):
+    """Streaming, bad requests, a disconnecting client, a short soak and the KV-allocation log line, as on SGLang."""
 
-
-def test_client_disconnect_mid_stream_leaves_server_serving(server):
-    check_survives_disconnect(server)
-
-
-def test_short_soak_every_answer_equals_the_request_alone(server):
-    check_short_soak(server)
+    engine = "vllm"
 
 
 def test_engine_start_on_bad_checkpoints_fails_fast_naming_the_problem(tmp_path_factory):
     """Every broken checkpoint of the corpus stops the engine in its first process with `cognica inspect`'s message."""
     corpus = tmp_path_factory.mktemp("bad_corpus_vllm")
     check_engine_refuses_bad_checkpoints("vllm", corpus, {"VLLM_CPU_KVCACHE_SPACE": "1"})
-
-
-def test_server_logs_its_kv_allocation(server):
-    """The marker whose absence the bad-checkpoint tests assert is what this server logged when it did start."""
-    check_kv_allocation_logged("vllm", server)
 
 
 def test_api_server_refuses_a_bad_checkpoint_with_the_one_line_message(tmp_path_factory):
