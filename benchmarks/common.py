@@ -8,12 +8,17 @@ the full-size factory checkpoint of our model and its in-tree Llama twin of equa
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cognica.config import CognicaConfig
 
 BOS = 32759
 REPO = Path(__file__).resolve().parent.parent
@@ -22,9 +27,6 @@ COGNICA_DIR = "cognica-full"
 LLAMA_DIR = "llama-twin"
 RESULT_PREFIX = "RESULT="
 PROGRESS_PREFIX = "PROGRESS "
-
-# The model's shape (shared/spec/model.md) and what the twin copies of it.
-HIDDEN, LAYERS, HEADS, MLP, CONTEXT, VOCAB = 1536, 24, 12, 6144, 2048, 32768
 
 
 @dataclass(frozen=True)
@@ -124,48 +126,43 @@ def run_workloads(result: dict, spec: dict, run, request_ttfts, token_ids) -> No
     emit(result, final=True)
 
 
-def kv_theory(n_layer: int = LAYERS, pattern: str = "SSSL", ctx: int = CONTEXT, short_left: int = 512,
-              block: int = 1, extra_block: bool = False) -> dict:
-    """KV slots one `ctx`-token sequence needs with per-layer windows vs every layer full; the last layer is L.
+def kv_theory(cfg: CognicaConfig | None = None, ctx: int | None = None, block: int = 1, in_flight: int = 1,
+              extra_block: bool = False) -> dict:
+    """KV slots one `ctx`-token sequence (default: the context) needs with the config's per-layer windows vs every
+    layer full. `cfg`: a `cognica.config.CognicaConfig`, default the release's.
 
-    An S layer keeps its query and the `short_left` keys before it. With `block`/`extra_block`, vLLM's admission
-    rule: cdiv(window - 1 + in-flight tokens, block) + 1 blocks (pass short_left = 512 + chunk for that)."""
+    A sliding layer (`cfg.is_sliding`) keeps its `cfg.window_keys` keys (the query and the `short_window` before
+    it). With `block`, `in_flight` and `extra_block`, vLLM's admission rule for a sliding layer:
+    cdiv(window_keys - 1 + in-flight tokens, block) + 1 blocks."""
+    from cognica.config import CognicaConfig  # not at import time: the workers import this module bare
+
     def cdiv(a: int, b: int) -> int:
         return -(-a // b)
 
-    short = [i != n_layer - 1 and pattern[i % len(pattern)] == "S" for i in range(n_layer)]
+    cfg = CognicaConfig() if cfg is None else cfg
+    ctx = cfg.sequence_len if ctx is None else ctx
     full = cdiv(ctx, block) * block
-    win = min(ctx, short_left + 1) if not extra_block else min(ctx, short_left)
-    win_slots = min(full, (cdiv(win, block) + int(extra_block)) * block)
-    sssl_slots = sum(win_slots if s else full for s in short)
-    return {"full_slots": n_layer * full, "sssl_slots": sssl_slots, "ratio": n_layer * full / sssl_slots,
-            "n_short": sum(short), "n_full": n_layer - sum(short)}
+    slots = []
+    for keys, sliding in zip(cfg.window_keys, cfg.is_sliding):
+        win = min(ctx, keys - 1 + in_flight)
+        slots.append(min(full, (cdiv(win, block) + int(extra_block)) * block) if sliding else full)
+    n_short = sum(cfg.is_sliding)
+    return {"full_slots": cfg.n_layer * full, "sssl_slots": sum(slots), "ratio": cfg.n_layer * full / sum(slots),
+            "n_short": n_short, "n_full": cfg.n_layer - n_short}
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _count_params(path: Path) -> tuple[int, int]:
-    """(params, tensors) from a safetensors header, without loading the tensors."""
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    total, count = 0, 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        size = 1
-        for s in meta["shape"]:
-            size *= s
-        total, count = total + size, count + 1
-    return total, count
-
-
 def prepare(cache: Path) -> dict:
     """Write (or reuse) both checkpoints under `cache`; return their parameter counts."""
     import torch
+
+    from cognica.checkpoint import read_safetensors_header
+    from cognica.config import SMEAR_CHANNELS, CognicaConfig
+    from kernels import matmul_weight_params  # beside this file: the roofline's weights per decode step
+
+    shape = CognicaConfig()  # the release's, which the full-size factory checkpoint has and the twin copies
 
     cache.mkdir(parents=True, exist_ok=True)
     ours = cache / COGNICA_DIR
@@ -186,10 +183,11 @@ def prepare(cache: Path) -> dict:
 
         t = time.time()
         print("writing the Llama twin (random bf16 weights) ...", file=sys.stderr, flush=True)
-        cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,
-                          num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=HIDDEN // HEADS,
-                          max_position_embeddings=CONTEXT, vocab_size=VOCAB, tie_word_embeddings=False,
-                          bos_token_id=BOS, eos_token_id=BOS, rope_theta=100000.0)
+        cfg = LlamaConfig(hidden_size=shape.n_embd, intermediate_size=shape.mlp_hidden,
+                          num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
+                          num_key_value_heads=shape.n_kv_head, head_dim=shape.head_dim,
+                          max_position_embeddings=shape.sequence_len, vocab_size=shape.vocab_size,
+                          tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=BOS, rope_theta=100000.0)
         cfg.torch_dtype = "bfloat16"
         cfg.architectures = ["LlamaForCausalLM"]  # SGLang needs it in config.json
         with torch.device("meta"):
@@ -215,12 +213,13 @@ def prepare(cache: Path) -> dict:
 
     info = {}
     for key, d in (("cognica", ours), ("llama", twin)):
-        params, tensors = _count_params(d / "model.safetensors")
-        info[key] = {"dir": str(d), "params": params, "tensors": tensors}
-    # Weights a decode step streams in full (the embedding tables, and our 12 value-embedding tables, are gathered)
-    d, f = HIDDEN, MLP
-    info["cognica"]["streamed_params"] = LAYERS * (4 * d * d + 2 * d * f) + VOCAB * d + 12 * HEADS * 12 + 24
-    info["llama"]["streamed_params"] = LAYERS * (4 * d * d + 3 * d * f + 2 * d) + VOCAB * d + d
+        header = read_safetensors_header(d / "model.safetensors")
+        info[key] = {"dir": str(d), "params": sum(math.prod(e.shape) for e in header.values()), "tensors": len(header)}
+    # Weights a decode step streams in full (the embedding tables, and our value-embedding tables, are gathered):
+    # the roofline's matmul weights plus smear_gate; the twin's gated MLP (3 matrices), its norms and lm_head
+    d, f = shape.n_embd, shape.mlp_hidden
+    info["cognica"]["streamed_params"] = matmul_weight_params(shape) + SMEAR_CHANNELS
+    info["llama"]["streamed_params"] = shape.n_layer * (4 * d * d + 3 * d * f + 2 * d) + shape.vocab_size * d + d
     return info
 
 

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import relu2_linear  # noqa: E402
-from gpu_timing import Timer, copy_rate_gbps, device_info, gemm_rate_tflops  # noqa: E402
+from gpu_timing import Timer, copy_rate_gbps, device_info, gemm_rate_tflops, paged_inputs  # noqa: E402
 
 from cognica_kernels import attention, relu2  # noqa: E402
 
@@ -158,22 +158,6 @@ def _finish(case: KernelCase, rates: dict[str, float], tol_ok: bool) -> None:
     case.ok = case.error is None
 
 
-def _paged_inputs(batch: int, ctx: int, q_len: int, profile: dict, device: torch.device, seed: int) -> tuple:
-    """(q, key_cache, value_cache, block_table, seq_lens, query_start_loc): `batch` sequences of `ctx` cached
-    keys (this step's `q_len` included) on shuffled pages."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    heads, dim, page = profile["heads"], profile["head_dim"], profile["page"]
-    pages = -(-ctx // page)
-    order = torch.randperm(batch * pages, generator=torch.Generator().manual_seed(seed))
-    block_table = order.to(device=device, dtype=torch.int32).view(batch, pages)
-    key_cache = torch.randn(batch * pages, page, heads, dim, device=device, dtype=DTYPE, generator=g)
-    value_cache = torch.randn(batch * pages, page, heads, dim, device=device, dtype=DTYPE, generator=g)
-    q = torch.randn(batch * q_len, heads, dim, device=device, dtype=DTYPE, generator=g)
-    seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
-    query_start_loc = torch.arange(0, batch * q_len + 1, q_len, device=device, dtype=torch.int32)
-    return q, key_cache, value_cache, block_table, seq_lens, query_start_loc
-
-
 def _attention_work(batch: int, first: int, q_len: int, window_left: int | None, profile: dict) -> tuple[int, int]:
     """(unique bytes, FLOPs) of a step of `q_len` queries at positions first.. per sequence."""
     heads, dim, elt = profile["heads"], profile["head_dim"], DTYPE.itemsize
@@ -215,7 +199,8 @@ def _attention_case(
     starts = [total - 1] if kind == "decode" else list(range(0, total, q_len))
     steps = []
     for i, first in enumerate(starts):
-        q, kc, vc, bt, sl, qsl = _paged_inputs(batch, total, q_len, profile, device, seed=1000 + i)
+        q, kc, vc, bt, sl, qsl = paged_inputs(batch, total, q_len, profile["heads"], profile["head_dim"],
+                                              profile["page"], device, seed=1000 + i, dtype=DTYPE)  # fmt: skip
         sl = torch.full_like(sl, first + q_len)  # the chunk's keys are already in the cache, later ones unseen
         steps.append((q, kc, vc, bt, sl, qsl, first + q_len))
     case.bytes = case.flops = 0
@@ -373,17 +358,6 @@ def launch_us(fns: list[Callable[[], object]], launches: int, replays: int, cuda
     return times[len(times) // 2] / launches, "cuda-graph replay"
 
 
-def _vllm_kv(batch: int, ctx: int, p: dict, device: torch.device, seed: int) -> tuple:
-    """vLLM's layout: one [num_blocks, kv_heads, block, 2 * hd] tensor viewed kv.transpose(1, 2).split(hd, -1);
-    physical blocks shuffled; (key_cache, value_cache, block_table, kv)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    pages = -(-ctx // p["page"])
-    kv = torch.randn(batch * pages, p["heads"], p["page"], 2 * p["head_dim"], device=device, dtype=DTYPE, generator=g)
-    key_cache, value_cache = kv.transpose(1, 2).split(p["head_dim"], -1)
-    order = torch.randperm(batch * pages, generator=torch.Generator().manual_seed(seed))
-    return key_cache, value_cache, order.to(device=device, dtype=torch.int32).view(batch, pages), kv
-
-
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
     """[batch, heads, ctx, hd] contiguous keys (or values) of each sequence, in order (untimed)."""
     b = block_table.shape[0]
@@ -458,12 +432,9 @@ def _attention_row(row: dict, kind: str, batch: int, q_len: int, ctx: int, windo
     kv_bytes = batch * ctx * h * hd * 2 * 2
     copies = max(1, min(8, -(-p["rotate_bytes"] // kv_bytes)))
     inputs = []
-    for c in range(copies):
-        kc, vc, bt, _ = _vllm_kv(batch, ctx, p, device, seed=2000 + c)
-        q = torch.randn(batch * q_len, h, hd, device=device, dtype=DTYPE)
-        seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
-        qsl = torch.arange(0, batch * q_len + 1, q_len, device=device, dtype=torch.int32)
-        inputs.append((q, kc, vc, bt, seq_lens, qsl))
+    for c in range(copies):  # vLLM's KV layout, physical blocks shuffled
+        inputs.append(paged_inputs(batch, ctx, q_len, h, hd, p["page"], device, seed=2000 + c, dtype=DTYPE,
+                                   vllm_layout=True))  # fmt: skip
     # ours, as the vLLM plugin calls it (max_seq_len = max_model_len)
     ours = [lambda a=a: attention.paged_attention_triton(*a, scale, window, max_query_len=q_len, max_seq_len=ctx)
             for a in inputs]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Timing helpers of the GPU check (benchmarks/gpu_check.py, benchmarks/paged_decode.py): torch and triton only.
+"""Timing helpers and paged attention inputs of the benchmarks (benchmarks/gpu_check.py, benchmarks/paged_decode.py,
+benchmarks/kernels.py): torch and triton only. One timer (`Timer`), one paged-input builder (`paged_inputs`).
 
 On CUDA a time is the median of CUDA-event intervals, warm-up runs excluded, with L2 flushed (a 256 MB buffer
 zeroed) before every timed run. The dry run (`scripts/gpu_check.sh --dry-run`: CPU tensors, Triton's interpreter)
@@ -78,6 +79,30 @@ def gemm_rate_tflops(timer: Timer, n: int, dtype: torch.dtype, reps: int = 10) -
     b = torch.randn(n, n, device=timer.device, dtype=dtype)
     ms, _ = timer.median_ms(lambda: a @ b, reps=reps, warmup=2)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def paged_inputs(batch: int, ctx: int, q_len: int, heads: int, head_dim: int, page: int, device: torch.device,
+                 seed: int, dtype: torch.dtype = torch.bfloat16, vllm_layout: bool = False) -> tuple:
+    """(q, key_cache, value_cache, block_table, seq_lens, query_start_loc): `batch` sequences of `ctx` cached keys
+    (this step's `q_len` included) on shuffled pages of `page` tokens, random K/V and queries from `seed`.
+
+    key_cache / value_cache are `[num_blocks, page, heads, head_dim]`: two tensors, or with `vllm_layout` views of
+    vLLM's one `[num_blocks, heads, page, 2 * head_dim]` tensor (`kv.transpose(1, 2).split(head_dim, -1)`)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    pages = -(-ctx // page)
+    blocks = batch * pages
+    if vllm_layout:
+        kv = torch.randn(blocks, heads, page, 2 * head_dim, device=device, dtype=dtype, generator=g)
+        key_cache, value_cache = kv.transpose(1, 2).split(head_dim, -1)
+    else:
+        key_cache = torch.randn(blocks, page, heads, head_dim, device=device, dtype=dtype, generator=g)
+        value_cache = torch.randn(blocks, page, heads, head_dim, device=device, dtype=dtype, generator=g)
+    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))
+    block_table = order.to(device=device, dtype=torch.int32).view(batch, pages)
+    q = torch.randn(batch * q_len, heads, head_dim, device=device, dtype=dtype, generator=g)
+    seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+    query_start_loc = torch.arange(0, batch * q_len + 1, q_len, device=device, dtype=torch.int32)
+    return q, key_cache, value_cache, block_table, seq_lens, query_start_loc
 
 
 def device_info(device: torch.device) -> dict[str, object]:

@@ -21,8 +21,8 @@ out-of-window blocks holds. "all-full" is the same weights with every layer's wi
 What it does:
 1. Parity: a few prompts (one longer than the S window) prefilled in 16-token chunks, one sequence per step,
    then decoded together. fp32: greedy tokens identical to the reference's and log-probs within 1e-3
-   (`tests.utils.assert_fp32_parity`); bf16: the calibrated tolerance and near-tie rule of the engine tests
-   (`tests.utils.bf16_tolerance`, `assert_bf16_close`).
+   (`cognica.parity.assert_fp32_parity`); bf16: the calibrated tolerance and near-tie rule of the engine tests
+   (`cognica.parity.bf16_tolerance`, `assert_bf16_close`).
 2. Timing: one decode step at context 2048 (the cache filled with random K/V), batch 1/32/256, SSSL and all-full,
    eager and captured in a CUDA graph (median of graph replays, CUDA events): tokens/s and % of the HBM roofline
    of docs/performance.md (bytes of `benchmarks/kernels.py`'s model / the card's data-sheet bandwidth) and of the
@@ -51,7 +51,7 @@ from cognica.model import CognicaGPT  # noqa: E402
 from cognica.parity import assert_bf16_close, assert_fp32_parity, bf16_tolerance, random_prompts  # noqa: E402
 from cognica_kernels.attention import paged_attention_triton  # noqa: E402
 from cognica_kernels.relu2 import relu2_triton  # noqa: E402
-from kernels import GPUS, ModelShape, decode_step_bytes  # noqa: E402  (benchmarks/kernels.py: the roofline)
+from kernels import GPUS, decode_step_bytes  # noqa: E402  (benchmarks/kernels.py: the roofline)
 
 PAGE = 16
 GPU_PROFILE = {"preset": "full", "ctx": 2048, "batches": (1, 32, 256), "prompt_lens": (5, 37, 600), "new_tokens": 8,
@@ -221,7 +221,7 @@ def paged_generate(model: PagedCognica, prompts: list[list[int]], new_tokens: in
 
 
 class _OnDevice:
-    """Lets tests.utils' CPU-side helpers (teacher forcing) drive a reference model that lives on `device`."""
+    """Lets cognica.parity's CPU-side helpers (teacher forcing) drive a reference model that lives on `device`."""
 
     def __init__(self, model: CognicaGPT):
         self.model = model
@@ -269,12 +269,6 @@ def parity(model: PagedCognica, ref32: CognicaGPT, ref16: CognicaGPT | None, pro
     return out
 
 
-def _model_shape(cfg: CognicaConfig) -> ModelShape:
-    return ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim,
-                      mlp_hidden=cfg.mlp_hidden, vocab=cfg.vocab_size, window_pattern=cfg.window_pattern,
-                      short_window_left=cfg.short_window, n_value_embed_layers=len(cfg.ve_layers))  # fmt: skip
-
-
 def _datasheet(device: torch.device) -> tuple[str | None, float | None]:
     """(GPUS key, peak HBM bytes/s) of benchmarks/kernels.py for this card; H200 from its data sheet."""
     if device.type != "cuda":
@@ -318,7 +312,7 @@ def time_decode(ref16: CognicaGPT, profile: dict, timer: Timer, copy_gbps: float
                 print(f"    {row['note']}", flush=True)
             best = row["ms"] if row["ms"] is not None else row["eager_ms"]
             if best is not None:
-                step_bytes = decode_step_bytes(_model_shape(cfg), batch, ctx, sssl)
+                step_bytes = decode_step_bytes(cfg, batch, ctx, sssl)
                 tok_s = batch / (best * 1e-3)
                 if peak is not None:
                     row["pct_roofline"] = 100 * tok_s / (batch / (step_bytes / peak))

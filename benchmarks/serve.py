@@ -358,9 +358,9 @@ def main() -> int:
 
     kv = {"kv_gib": args.kv_gib, "chunk": CAPACITY_CHUNK, "block": CAPACITY_BLOCK, "timed_chunk": args.chunk,
           "theory": kv_theory(),
-          "theory_vllm": kv_theory(block=CAPACITY_BLOCK, short_left=512 + CAPACITY_CHUNK, extra_block=True),
-          "theory_vllm_timed": kv_theory(block=32, short_left=512 + args.chunk, extra_block=True),
-          "theory_vllm_cuda16": kv_theory(block=16, short_left=512 + 16, extra_block=True)}
+          "theory_vllm": kv_theory(block=CAPACITY_BLOCK, in_flight=CAPACITY_CHUNK, extra_block=True),
+          "theory_vllm_timed": kv_theory(block=32, in_flight=args.chunk, extra_block=True),
+          "theory_vllm_cuda16": kv_theory(block=16, in_flight=16, extra_block=True)}
     k_kv, f_kv, a_kv = (engines.get(x, {}).get("kv") for x in "kfa")
     if k_kv and f_kv:
         kv.update(vllm_sssl=k_kv["max_concurrency"], vllm_full=f_kv["max_concurrency"],

@@ -9,7 +9,7 @@
 # Steps (each under its own time limit, all run even if one fails; exit 1 if any failed):
 #   env           device, versions                                               -> OUTDIR/env.json
 #   kernel-tests  tests/test_kernels.py, compiled on CUDA (pytest, or the builtin
-#                 runner of benchmarks/gpu_kernel_tests.py where pytest is absent) -> OUTDIR/kernel_tests.json
+#                 runner of scripts/gpu_kernel_tests.py where pytest is absent) -> OUTDIR/kernel_tests.json
 #   kernels       benchmarks/gpu_check.py kernels: attention timings, and the fused relu^2 GEMM candidate of
 #                 benchmarks/relu2_linear.py (no plugin runs it) against F.linear + relu^2 -> OUTDIR/kernels.json
 #   compare       benchmarks/gpu_check.py compare: ours beside SDPA (cuDNN, flash), flex_attention and torch
@@ -93,12 +93,12 @@ open(sys.argv[1], "w").write(json.dumps(info, indent=1) + "\n")
 print(info)' "$OUTDIR/env.json" "$DRY" "$COMMIT"
 if [ $DRY -eq 1 ]; then
   # scripts/test.sh runs all of test_kernels.py already; here a subset through both runners
-  step kernel-tests "${LIMITS[1]}" "$PY" benchmarks/gpu_kernel_tests.py --out "$OUTDIR/kernel_tests.json" \
+  step kernel-tests "${LIMITS[1]}" "$PY" scripts/gpu_kernel_tests.py --out "$OUTDIR/kernel_tests.json" \
     --runner pytest -k "relu2_linear_matches or dispatch"
-  step kernel-tests-builtin "${LIMITS[1]}" "$PY" benchmarks/gpu_kernel_tests.py \
+  step kernel-tests-builtin "${LIMITS[1]}" "$PY" scripts/gpu_kernel_tests.py \
     --out "$OUTDIR/kernel_tests_builtin.json" --runner builtin -k "decode_matches or dispatch"
 else
-  step kernel-tests "${LIMITS[1]}" "$PY" benchmarks/gpu_kernel_tests.py --out "$OUTDIR/kernel_tests.json"
+  step kernel-tests "${LIMITS[1]}" "$PY" scripts/gpu_kernel_tests.py --out "$OUTDIR/kernel_tests.json"
 fi
 step kernels "${LIMITS[2]}" "$PY" benchmarks/gpu_check.py kernels --out "$OUTDIR/kernels.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 step compare "${LIMITS[4]}" "$PY" benchmarks/gpu_check.py compare --out "$OUTDIR/compare.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}

@@ -1,7 +1,7 @@
 """Run tests/test_kernels.py (compiled on CUDA, interpreted on CPU) and write the outcome as JSON.
 
-    python benchmarks/gpu_kernel_tests.py --out OUT/kernel_tests.json [--runner auto|pytest|builtin] [-k EXPR]
-                                          [--file tests/test_kernels.py]
+    python scripts/gpu_kernel_tests.py --out OUT/kernel_tests.json [--runner auto|pytest|builtin] [-k EXPR]
+                                       [--file tests/test_kernels.py]
 
 With pytest importable (`--runner auto`, the default) this is `pytest tests/test_kernels.py`. The GPU machines
 lent to this project may not have pytest and cannot install it (no network), so without it the builtin runner

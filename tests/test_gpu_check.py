@@ -163,7 +163,7 @@ def test_builtin_runner_reports_failures_and_unsupported_pytest_features(tmp_pat
         "    pytest.skip('unsupported here')\n"
     )
     out = tmp_path / "result.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_kernel_tests.py"), "--runner", "builtin", "--out", str(out),
+    cmd = [sys.executable, str(REPO / "scripts" / "gpu_kernel_tests.py"), "--runner", "builtin", "--out", str(out),
            "--file", str(tmp_path / "test_fake.py")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
     result = json.loads(out.read_text())
