@@ -31,17 +31,20 @@ def _hybrid_swa_override(server_args: Any, hf_config: Any) -> dict:
 
 
 def _check_stage_options(server_args: Any, hf_config: Any) -> dict:
-    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`), and refuse LoRA where
-    SGLang cannot run it (`cognica_sglang.lora.check_lora_server_args`) and the Log-OP head in embedding mode, in the
-    first process:
-    SGLang calls model overrides on the config with those args applied (sglang/srt/arg_groups/model_hook.py:166, 233),
-    before any scheduler starts; a refusal raised later, in the scheduler, only kills the engine (SIGQUIT)."""
+    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`), and refuse a quantized
+    checkpoint on a CPU (`cognica_sglang.quant.check_quantization`), LoRA where SGLang cannot run it
+    (`cognica_sglang.lora.check_lora_server_args`) and the Log-OP head in embedding mode, in the first process:
+    SGLang calls model overrides on the config with those args applied (`handle_model_specific_adjustments` in
+    sglang/srt/arg_groups/model_hook.py), before any scheduler starts; a refusal raised later, in the scheduler, only
+    kills the engine (SIGQUIT)."""
     from sglang.srt.arg_groups.model_override_base import resolving_view
 
     from cognica.hf import cognica_config
+    from cognica_sglang.quant import check_quantization
 
     cfg = cognica_config(hf_config)  # ConfigError, e.g. a stage exit on a poe_mode="none" (BP) checkpoint without force
     view = resolving_view(server_args)
+    check_quantization(None, hf_config, view.device)  # SGLang's quantized layers are CUDA-only
     if getattr(view, "enable_lora", False) or getattr(view, "lora_paths", None):
         from cognica_sglang.lora import check_lora_server_args
 

@@ -375,8 +375,9 @@ ENGINE_START_VARIANTS = (
 )
 
 
-# The line each engine logs once its KV cache exists (vllm/v1/core/kv_cache_utils.py:2328;
-# sglang/srt/mem_cache/memory_pool.py:2088). `check_kv_allocation_logged` shows the servers print it.
+# The line each engine logs once its KV cache exists (`update_kv_cache_capacity` in vllm/v1/core/kv_cache_utils.py;
+# `KVCache._finalize_allocation_log` in sglang/srt/mem_cache/memory_pool.py). `check_kv_allocation_logged` shows
+# the servers print it.
 KV_ALLOCATION_LOG = {"vllm": "KV cache size:", "sglang": "KV Cache is allocated"}
 
 

@@ -141,3 +141,28 @@ def test_quantized_kv_cache_falls_back_to_radix_attention_without_writing(monkey
         assert triton_extend_attention(q, k, v, attn, batch) is None, "fp8 KV: the extend kernel must not run"
         assert cpu_decode_attention(q[:1], k[:1], v[:1], attn, batch) is None, "fp8 KV: the decode path must not run"
     assert writes == [], "K/V were stored before falling back: RadixAttention would store them a second time"
+
+
+def test_prefill_cuda_graphs_are_not_captured_for_this_model():
+    """SGLang captures prefill CUDA graphs (breakable ones by default on CUDA) only for a model whose `.model` chain
+    reaches a `layers` attribute (`_resolve_transformer_layer_model`); CognicaModel names its layer list
+    `eager_prefill_layers`, so SGLang finds none and prefill runs eagerly (README limitations)."""
+    import ast
+    import inspect
+
+    from sglang.srt.model_executor.runner.prefill_cuda_graph_runner import _resolve_transformer_layer_model
+
+    import cognica_sglang.model as model
+
+    tree = ast.parse(inspect.getsource(model.CognicaModel))
+    attrs = {t.attr for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in node.targets
+             if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    assert "eager_prefill_layers" in attrs and "layers" not in attrs, sorted(attrs)
+    inner = torch.nn.Module()
+    inner.eager_prefill_layers = torch.nn.ModuleList()
+    outer = torch.nn.Module()
+    outer.model = inner  # CognicaPoEForCausalLM.model
+    with pytest.raises(RuntimeError, match="without layers"):
+        _resolve_transformer_layer_model(outer)
+    inner.layers = inner.eager_prefill_layers  # what naming it `layers` would do
+    assert _resolve_transformer_layer_model(outer) is inner

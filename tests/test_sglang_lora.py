@@ -16,15 +16,11 @@ sitecustomize on PYTHONPATH); pinning only places host memory, it changes no val
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 pytestmark = pytest.mark.sglang
 
@@ -32,12 +28,12 @@ import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
 
 from cognica.factory import make_checkpoint  # noqa: E402
 from cognica.model import CognicaGPT, load_reference  # noqa: E402
+from tests.adapters import write_adapter, write_adapter_set  # noqa: E402
 from tests.sglang_utils import EngineSlot, check_parity, greedy, lps, random_prompt  # noqa: E402
 
 CHUNK = 64
 NEW = 16
 RANK = 8
-PROJECTIONS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 NO_PIN = '''
 import functools
 import torch
@@ -54,48 +50,6 @@ if not torch.cuda.is_available():
 '''
 
 
-def write_adapter(out: Path, ref: CognicaGPT, targets: list[str], r: int, alpha: float, seed: int,
-                  zero_b: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A PEFT LoRA adapter on the reference's modules `targets` (as tests/test_vllm_lora.write_adapter)."""
-    g = torch.Generator().manual_seed(seed)
-    tensors, pairs = {}, {}
-    for path in targets:
-        module = ref.get_submodule(path)
-        if isinstance(module, torch.nn.Embedding):
-            n_in, n_out = module.num_embeddings, module.embedding_dim
-            suffixes = ("lora_embedding_A", "lora_embedding_B")
-        else:
-            n_in, n_out, suffixes = module.in_features, module.out_features, ("lora_A.weight", "lora_B.weight")
-        a = (torch.rand(r, n_in, generator=g) * 2 - 1) / n_in**0.5
-        b = torch.zeros(n_out, r) if zero_b else (torch.rand(n_out, r, generator=g) * 2 - 1) * 0.3
-        pairs[path] = (a, b)
-        tensors[f"base_model.model.{path}.{suffixes[0]}"] = a.contiguous()
-        tensors[f"base_model.model.{path}.{suffixes[1]}"] = b.contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-              "modules_to_save": None, "base_model_name_or_path": None,
-              "target_modules": sorted({p.rsplit(".", 1)[-1] for p in targets})}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    return pairs
-
-
-@torch.no_grad()
-def merged(ref: CognicaGPT, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int, alpha: float) -> CognicaGPT:
-    """The reference with each adapted weight replaced by PEFT's merge, W + (alpha / r) * B @ A."""
-    out = copy.deepcopy(ref)
-    for path, (a, b) in pairs.items():
-        module = out.get_submodule(path)
-        delta = (alpha / r) * (b @ a)
-        module.weight += delta.T if isinstance(module, torch.nn.Embedding) else delta
-    return out
-
-
-def all_projections(n_layer: int) -> list[str]:
-    return [f"transformer.h.{i}.{p}" for i in range(n_layer) for p in PROJECTIONS]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("lora"), preset="tiny", seed=0, tokenizer=False, progress=False)
@@ -110,21 +64,7 @@ def ref32(ckpt) -> CognicaGPT:
 def adapters(tmp_path_factory, ref32) -> dict[str, tuple[str, CognicaGPT]]:
     """name -> (path, merged reference): zero-B on every projection; every projection of every layer; another rank
     on a few projections (layer 1: c_k alone, the other parts of its qkv zero); the input embedding and the head."""
-    root = tmp_path_factory.mktemp("adapters")
-    n = ref32.config.n_layer
-    specs = {
-        "zero": (all_projections(n), RANK, 16.0, True),
-        "all": (all_projections(n), RANK, 16.0, False),
-        "some": ([f"transformer.h.{i}.{p}" for i in (0, 3) for p in ("attn.c_q", "attn.c_v", "mlp.c_fc")]
-                 + ["transformer.h.1.attn.c_k", "transformer.h.2.attn.c_proj", "transformer.h.1.mlp.c_proj"],
-                 4, 12.0, False),
-        "vocab": (["transformer.wte", "lm_head"], RANK, 8.0, False),
-    }
-    out = {}
-    for i, (name, (targets, r, alpha, zero_b)) in enumerate(specs.items(), start=1):
-        pairs = write_adapter(root / name, ref32, targets, r, alpha, seed=i, zero_b=zero_b)
-        out[name] = (str(root / name), merged(ref32, pairs, r, alpha))
-    return out
+    return write_adapter_set(tmp_path_factory.mktemp("adapters"), ref32, RANK)
 
 
 @pytest.fixture(scope="module")

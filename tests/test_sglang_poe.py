@@ -102,31 +102,6 @@ def test_bp_checkpoint_refuses_a_stage_exit_in_the_first_process(tmp_path):
         f"the refusal should say why and how to override:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
 
 
-def test_lora_is_refused_in_the_first_process_with_one_line(tmp_path):
-    """SGLang's LoRA manager needs model hooks cognica_sglang does not offer yet: --lora-paths stops the engine in
-    its first process, naming vLLM as the engine that serves adapters (it failed later, in the scheduler, with
-    "get_hidden_dim not implemented for c_q")."""
-    ckpt = make_checkpoint(tmp_path / "m", preset="tiny", seed=0, tokenizer=False, progress=False)
-    (tmp_path / "adapter").mkdir()
-    code = (
-        "import multiprocessing.process as mp, sglang, sys\n"
-        "started, start = [], mp.BaseProcess.start\n"
-        "mp.BaseProcess.start = lambda self: (started.append(self.name), start(self))\n"
-        "try:\n"
-        f"    sglang.Engine(model_path={str(ckpt)!r}, device='cpu', attention_backend='torch_native',"
-        " skip_tokenizer_init=True, disable_cuda_graph=True, skip_server_warmup=True, max_total_tokens=4096,"
-        f" enable_lora=True, lora_paths=[{str(tmp_path / 'adapter')!r}], log_level='error')\n"
-        "except Exception as e:\n"
-        "    print('STARTED', len(started), 'REFUSED', type(e).__name__, e)\n"
-        "    sys.exit(0)\n"
-        "sys.exit(3)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"the engine started with LoRA: {out.stdout[-500:]} {out.stderr[-1500:]}"
-    assert "STARTED 0 REFUSED" in out.stdout, out.stdout
-    assert "LoRA adapters are not supported on SGLang yet" in out.stdout, out.stdout
-
-
 def test_bpb_passes_the_stage_options_as_json_model_override_args(monkeypatch):
     """`cognica bpb --engine sglang --poe-exit-stage 1` starts SGLang with the option (the scoring path itself is
     tests/test_sglang.py's bpb parity)."""

@@ -33,57 +33,15 @@ import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
 from cognica.checkpoint import canonical_name, open_checkpoint  # noqa: E402
 from cognica.factory import make_checkpoint  # noqa: E402
 from cognica_sglang.quant import ENGINE_REASON, check_quantization  # noqa: E402
+from tests.adapters import W8A8_CONFIG, quantize_per_channel, write_llama_w8a8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # llm-compressor's W8A8 int8 scheme, as tests/test_vllm_quant.py writes it
-W8A8_CONFIG = {
-    "quant_method": "compressed-tensors",
-    "format": "int-quantized",
-    "quantization_status": "compressed",
-    "config_groups": {"group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
-                    "group_size": None, "observer": "minmax"},
-        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
-                              "dynamic": True, "group_size": None, "observer": None},
-        "output_activations": None,
-    }},
-    "ignore": ["lm_head", "re:.*ve_gate$", "re:.*smear_gate$"],
-    "kv_cache_scheme": None,
-}
 QUANTIZED = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # the first line of our refusal
 REFUSAL = "cognica: this checkpoint is quantized (compressed-tensors), which SGLang cannot serve on a CPU"
 # how SGLang 0.5.23 fails on the control, in bf16 (the dtype it takes compressed-tensors in)
 ENGINE_FAILURE = ("_check_scheme_supported", "Found no NVIDIA driver on your system")
-
-
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel (compressed-tensors' minmax observer): q int8, scale bf16 [out, 1]."""
-    scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).to(torch.bfloat16)
-    return torch.round(w.float() / scale.float()).clamp(-128, 127).to(torch.int8), scale
-
-
-@torch.no_grad()
-def write_llama_w8a8(out: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-                         initializer_range=0.05, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    quant = {}
-    for name, t in model.state_dict().items():
-        if name.endswith("proj.weight"):
-            quant[name], quant[name.removesuffix("weight") + "weight_scale"] = quantize_per_channel(t)
-        else:
-            quant[name] = t.contiguous()
-    model.save_pretrained(out)
-    save_file(quant, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**cfg, "quantization_config": dict(W8A8_CONFIG, ignore=["lm_head"])}))
-    return out
 
 
 def write_cognica_w8a8(src: Path, out: Path) -> Path:
@@ -120,7 +78,8 @@ def start_engine(model: Path, env: dict[str, str]) -> str:
 
 
 def test_in_tree_llama_cannot_serve_w8a8_on_cpu(tmp_path):
-    llama = write_llama_w8a8(tmp_path / "llama")
+    llama = tmp_path / "llama"
+    write_llama_w8a8(llama)
     # SGLang's own Llama class, without importing its ~250 other model modules
     (tmp_path / "llama_only").mkdir()
     (tmp_path / "llama_only" / "__init__.py").write_text("")

@@ -10,17 +10,15 @@ embedding (1, 3) and the smear run under the adapters.
 
 from __future__ import annotations
 
-import copy
 import gc
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from cognica.model import CognicaGPT, load_reference
+from tests.adapters import write_adapter, write_adapter_set
 from tests.utils import assert_fp32_parity, assert_prompt_logprobs_parity, random_prompts
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -36,52 +34,6 @@ pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
 CHUNK = 64
 NEW = 16
 RANK = 8
-PROJECTIONS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-def write_adapter(out: Path, ref: CognicaGPT, targets: list[str], r: int, alpha: float, seed: int,
-                  zero_b: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A PEFT LoRA adapter on the reference's modules `targets` (nanochat paths): A ~ U(-1/sqrt(in), ..), B scaled
-    so each delta moves its layer's output visibly (or B = 0). Returns {path: (A, B)} as PEFT stores them
-    (Linear: A [r, in], B [out, r]; Embedding: A [r, vocab], B [dim, r])."""
-    g = torch.Generator().manual_seed(seed)
-    tensors, pairs = {}, {}
-    for path in targets:
-        module = ref.get_submodule(path)
-        if isinstance(module, torch.nn.Embedding):
-            n_in, n_out = module.num_embeddings, module.embedding_dim
-            suffixes = ("lora_embedding_A", "lora_embedding_B")
-        else:
-            n_in, n_out, suffixes = module.in_features, module.out_features, ("lora_A.weight", "lora_B.weight")
-        a = (torch.rand(r, n_in, generator=g) * 2 - 1) / n_in**0.5
-        b = torch.zeros(n_out, r) if zero_b else (torch.rand(n_out, r, generator=g) * 2 - 1) * 0.3
-        pairs[path] = (a, b)
-        tensors[f"base_model.model.{path}.{suffixes[0]}"] = a.contiguous()
-        tensors[f"base_model.model.{path}.{suffixes[1]}"] = b.contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-              "modules_to_save": None, "base_model_name_or_path": None,
-              "target_modules": sorted({p.rsplit(".", 1)[-1] for p in targets})}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    return pairs
-
-
-@torch.no_grad()
-def merged(ref: CognicaGPT, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int, alpha: float) -> CognicaGPT:
-    """The reference with each adapted weight replaced by PEFT's merge, W + (alpha / r) * B @ A (an embedding's
-    table [vocab, dim] gets (B @ A).T)."""
-    out = copy.deepcopy(ref)
-    for path, (a, b) in pairs.items():
-        module = out.get_submodule(path)
-        delta = (alpha / r) * (b @ a)
-        module.weight += delta.T if isinstance(module, torch.nn.Embedding) else delta
-    return out
-
-
-def all_projections(n_layer: int) -> list[str]:
-    return [f"transformer.h.{i}.{p}" for i in range(n_layer) for p in PROJECTIONS]
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +45,8 @@ def ref32(tiny_ckpt: Path) -> CognicaGPT:
 def adapters(tmp_path_factory: pytest.TempPathFactory, ref32: CognicaGPT) -> dict[str, tuple[LoRARequest, CognicaGPT]]:
     """name -> (request, merged reference): zero-B on every projection; every projection of every layer; a second
     adapter of another rank on a few projections; the input embedding and the head."""
-    root = tmp_path_factory.mktemp("adapters")
-    n = ref32.config.n_layer
-    specs = {
-        "zero": (all_projections(n), RANK, 16.0, True),
-        "all": (all_projections(n), RANK, 16.0, False),
-        "some": ([f"transformer.h.{i}.{p}" for i in (0, 3) for p in ("attn.c_q", "attn.c_v", "mlp.c_fc")]
-                 + ["transformer.h.1.attn.c_k", "transformer.h.2.attn.c_proj", "transformer.h.1.mlp.c_proj"],
-                 4, 12.0, False),
-        "vocab": (["transformer.wte", "lm_head"], RANK, 8.0, False),
-    }
-    out = {}
-    for i, (name, (targets, r, alpha, zero_b)) in enumerate(specs.items(), start=1):
-        pairs = write_adapter(root / name, ref32, targets, r, alpha, seed=i, zero_b=zero_b)
-        out[name] = (LoRARequest(name, i, str(root / name)), merged(ref32, pairs, r, alpha))
-    return out
+    written = write_adapter_set(tmp_path_factory.mktemp("adapters"), ref32, RANK)
+    return {name: (LoRARequest(name, i, path), ref) for i, (name, (path, ref)) in enumerate(written.items(), start=1)}
 
 
 @pytest.fixture(scope="module")

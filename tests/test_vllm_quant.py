@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from cognica.checkpoint import CheckpointError, canonical_name, open_checkpoint
 from cognica.model import CognicaGPT, load_reference
 from cognica.quantization import QUANTIZABLE
+from tests.adapters import W8A8_CONFIG, quantize_per_channel, write_llama_w8a8
 from tests.utils import assert_bf16_close, random_prompts
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -44,32 +45,8 @@ LOGPROB_TOL = {"dynamic": 0.03, "static": 0.08}
 # 45/48 (near ties); with initializer_range 0.1, 0.19: activation rounding weighs more in a random Llama
 LLAMA_LOGPROB_TOL = 0.1
 STATIC_INPUTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
-W8A8_CONFIG = {
-    "quant_method": "compressed-tensors",
-    "format": "int-quantized",
-    "quantization_status": "compressed",
-    "config_groups": {"group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
-                    "group_size": None, "observer": "minmax"},
-        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
-                              "dynamic": True, "group_size": None, "observer": None},
-        "output_activations": None,
-    }},
-    "ignore": ["lm_head", "re:.*ve_gate$", "re:.*smear_gate$"],
-    "kv_cache_scheme": None,
-}
-
-
 def is_projection(name: str) -> bool:
     return name.startswith("transformer.h.") and name.removesuffix(".weight").endswith(QUANTIZABLE)
-
-
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel, as compressed-tensors' minmax observer: (q int8, scale bf16 [out, 1], the
-    scale stored in the model's dtype); q * scale is the dequantized weight."""
-    scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).to(torch.bfloat16)
-    return torch.round(w.float() / scale.float()).clamp(-128, 127).to(torch.int8), scale
 
 
 def write_w8a8(src: Path, out: Path, quantization_config: dict = W8A8_CONFIG,
@@ -188,26 +165,7 @@ def test_in_tree_llama_w8a8_control_within_the_same_tolerance(tmp_path):
     """The control: vLLM's own LlamaForCausalLM of the same width and depth, quantized the same way (every
     *_proj, lm_head ignored), against transformers' Llama on its dequantized weights (the same check, its own
     measured tolerance)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-                         initializer_range=0.05, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    quant = {}
-    for name, t in model.state_dict().items():
-        if name.endswith("proj.weight"):
-            q, scale = quantize_per_channel(t)
-            quant[name], quant[name.removesuffix("weight") + "weight_scale"] = q, scale
-            t.copy_(q.float() * scale.float())  # the reference runs on the dequantized weights
-        else:
-            quant[name] = t.contiguous()
-    model.save_pretrained(tmp_path / "llama")
-    save_file(quant, str(tmp_path / "llama" / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
-    cfg["quantization_config"] = dict(W8A8_CONFIG, ignore=["lm_head"])
-    (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg))
+    model = write_llama_w8a8(tmp_path / "llama")
     prompts = random_prompts([700, 200, 9], seed=31, vocab=4096)
     llm = LLM(model=str(tmp_path / "llama"), dtype="float32", max_model_len=1024, block_size=32, seed=0,
               gpu_memory_utilization=0.3, max_num_batched_tokens=64, enable_chunked_prefill=True,
