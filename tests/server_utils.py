@@ -506,3 +506,31 @@ def check_short_soak(server: Server) -> None:
     stats = soak(server, SHORT_SOAK_PROMPTS, n_requests=24, concurrency=8, max_tokens=8, deadline_s=600)
     assert stats["failures"] == 0 and stats["answered"] == 24, f"unanswered requests: {stats}"
     assert not stats["mismatches"], f"batched greedy answers differ from the same request alone: {stats}"
+
+
+def tokenized_checkpoint(out: Path, seed: int = 0) -> Path:
+    """A tiny factory checkpoint with its tokenizer converted (what a server with text prompts needs)."""
+    from cognica.factory import make_checkpoint
+    from cognica.tokenizer import convert_tokenizer
+
+    model = make_checkpoint(out, preset="tiny", seed=seed, tokenizer=True, progress=False)
+    convert_tokenizer(model)
+    return model
+
+
+class EmbeddingTests:
+    """What an embedding-mode server of either engine must do; a module subclasses it beside a `server` fixture,
+    with its PROMPTS (token-id prompts starting with BOS or not), BOS and ATOL."""
+
+    PROMPTS: list[list[int]]
+    BOS: int
+    ATOL: float
+
+    def test_embeddings_equal_the_reference_final_hidden_state(self, server: Server):
+        check_embeddings_equal_reference(server, self.PROMPTS, self.ATOL)  # one request: a batch of lengths
+
+    def test_text_input_is_embedded_with_bos_prepended_once(self, server: Server):
+        check_text_embedding_has_bos_once(server, self.BOS, self.ATOL)
+
+    def test_embedding_of_a_prompt_alone_equals_it_in_a_batch(self, server: Server):
+        check_embedding_alone_equals_batched(server, self.PROMPTS, self.ATOL)

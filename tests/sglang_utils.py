@@ -78,3 +78,37 @@ def check_parity(ref: CognicaGPT, prompt: list[int], out: dict, n_new: int, what
     start = len(prompt) - len(got_in)  # logprob_start_len; its own entry has no logprob (nothing before it)
     if len(got_in) > 1:
         assert_prompt_logprobs_parity(ref, prompt, got_in[1:], what, start=start + 1, chunk=chunk)
+
+
+def server_command(model_dir: os.PathLike, port: int, *extra: str) -> list[str]:
+    """`sglang.launch_server` in its CPU form (torch_native attention, float32, no CUDA graphs), plus `extra`."""
+    import sys
+
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
+            "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192", *extra]
+
+
+def engine_start_refusal(model_dir: os.PathLike, engine_kwargs: str) -> tuple[int, str, str]:
+    """Try `sglang.Engine(model_dir, CPU form, **engine_kwargs)` in a fresh process, counting the processes it starts
+    (as tests/engine_start_driver.py does). Returns (exit code, stdout, stderr): exit 0 with
+    "STARTED <n> REFUSED <error type> <message>" when the start raised, 3 when the engine started."""
+    import subprocess
+    import sys
+
+    code = (
+        "import multiprocessing.process as mp, sglang, sys\n"
+        "started, start = [], mp.BaseProcess.start\n"
+        "mp.BaseProcess.start = lambda self: (started.append(self.name), start(self))\n"
+        "try:\n"
+        f"    sglang.Engine(model_path={str(model_dir)!r}, device='cpu', attention_backend='torch_native',"
+        " skip_tokenizer_init=True, disable_cuda_graph=True, skip_server_warmup=True, max_total_tokens=4096,"
+        f" log_level='error', {engine_kwargs})\n"
+        "except Exception as e:\n"
+        "    print('STARTED', len(started), 'REFUSED', type(e).__name__, e)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    return proc.returncode, proc.stdout, proc.stderr

@@ -16,10 +16,8 @@ from vllm.engine.arg_utils import EngineArgs
 
 from cognica.factory import make_checkpoint
 from tests.server_utils import (
-    check_embedding_alone_equals_batched,
-    check_embeddings_equal_reference,
+    EmbeddingTests,
     check_stage_exit_embeddings,
-    check_text_embedding_has_bos_once,
     free_port,
     serve,
 )
@@ -45,16 +43,8 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
         yield s
 
 
-def test_embeddings_equal_the_reference_final_hidden_state(server):
-    check_embeddings_equal_reference(server, PROMPTS, ATOL)  # one request: a batch of different lengths
-
-
-def test_text_input_is_embedded_with_bos_prepended_once(server):
-    check_text_embedding_has_bos_once(server, BOS, ATOL)
-
-
-def test_embedding_of_a_prompt_alone_equals_it_in_a_batch(server):
-    check_embedding_alone_equals_batched(server, PROMPTS, ATOL)
+class TestEmbeddingMode(EmbeddingTests):
+    PROMPTS, BOS, ATOL = PROMPTS, BOS, ATOL
 
 
 def test_stage_prefix_embedding_equals_the_reference_stage_exit(tmp_path, monkeypatch):

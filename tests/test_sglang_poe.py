@@ -11,8 +11,6 @@ greedy tokens identical and per-token logprobs within 1e-3 (tests/sglang_utils.c
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
 
 from cognica.factory import make_checkpoint  # noqa: E402
 from cognica.model import load_reference  # noqa: E402
-from tests.sglang_utils import EngineSlot, check_parity, random_prompt, run  # noqa: E402
+from tests.sglang_utils import EngineSlot, check_parity, engine_start_refusal, random_prompt, run  # noqa: E402
 
 CHUNK = 64
 MODES = {
@@ -81,25 +79,11 @@ def test_stage_mode_matches_reference(engines, ckpt, full_model_tokens, mode):
 def test_bp_checkpoint_refuses_a_stage_exit_in_the_first_process(tmp_path):
     bp = make_checkpoint(tmp_path / "bp", preset="tiny", seed=5, tokenizer=False, progress=False, n_layer=8,
                          poe_every=2)
-    code = (  # counts the processes the attempt starts, as tests/engine_start_driver.py does
-        "import multiprocessing.process as mp, sglang, sys\n"
-        "started, start = [], mp.BaseProcess.start\n"
-        "mp.BaseProcess.start = lambda self: (started.append(self.name), start(self))\n"
-        "try:\n"
-        f"    sglang.Engine(model_path={str(bp)!r}, device='cpu', attention_backend='torch_native',"
-        " skip_tokenizer_init=True, disable_cuda_graph=True, skip_server_warmup=True, max_total_tokens=4096,"
-        " json_model_override_args='{\"poe_exit_stage\": 1}', log_level='error')\n"
-        "except Exception as e:\n"
-        "    print('STARTED', len(started), 'REFUSED', type(e).__name__, e)\n"
-        "    sys.exit(0)\n"
-        "sys.exit(3)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          start_new_session=True)
-    assert proc.returncode == 0, f"SGLang started a stage exit on a BP checkpoint:\n{proc.stderr[-2000:]}"
-    assert "STARTED 0 REFUSED" in proc.stdout, f"refused only after engine processes started:\n{proc.stdout[-2000:]}"
-    assert "not trained as predictors; set poe_force=true" in proc.stdout, \
-        f"the refusal should say why and how to override:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    rc, out, err = engine_start_refusal(bp, "json_model_override_args='{\"poe_exit_stage\": 1}'")
+    assert rc == 0, f"SGLang started a stage exit on a BP checkpoint:\n{err[-2000:]}"
+    assert "STARTED 0 REFUSED" in out, f"refused only after engine processes started:\n{out[-2000:]}"
+    assert "not trained as predictors; set poe_force=true" in out, \
+        f"the refusal should say why and how to override:\n{out[-2000:]}\n{err[-2000:]}"
 
 
 def test_bpb_passes_the_stage_options_as_json_model_override_args(monkeypatch):

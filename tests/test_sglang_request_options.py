@@ -13,8 +13,6 @@ they would never reach the plugin's per-request refusal), --enable-custom-logit-
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 pytestmark = pytest.mark.sglang
@@ -22,8 +20,14 @@ pytestmark = pytest.mark.sglang
 import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
 from sglang.srt.sampling.custom_logit_processor import DisallowedTokensLogitsProcessor  # noqa: E402
 
-from cognica.factory import make_checkpoint  # noqa: E402
-from tests.server_utils import check_request_option, free_port, reference_text, serve  # noqa: E402
+from tests.server_utils import (  # noqa: E402
+    check_request_option,
+    free_port,
+    reference_text,
+    serve,
+    tokenized_checkpoint,
+)
+from tests.sglang_utils import server_command  # noqa: E402
 
 BOS = 32759
 PLAIN = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
@@ -98,20 +102,14 @@ OPTIONS: list[tuple[str, tuple[str, dict], str]] = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from cognica.tokenizer import convert_tokenizer
-
-    out = make_checkpoint(tmp_path_factory.mktemp("options"), preset="tiny", seed=0, tokenizer=True, progress=False)
-    convert_tokenizer(out)
-    return out
+    return tokenized_checkpoint(tmp_path_factory.mktemp("options") / "tiny")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
     port = free_port()
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
-           "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192", "--disable-radix-cache",
-           "--enable-custom-logit-processor", "--enable-return-hidden-states"]
+    cmd = server_command(model_dir, port, "--disable-radix-cache", "--enable-custom-logit-processor",
+                         "--enable-return-hidden-states")
     log = tmp_path_factory.mktemp("log") / "server.log"
     with serve(cmd, "default", port, log, unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=300,
                model_dir=model_dir) as s:
