@@ -196,7 +196,7 @@ def register() -> None:
         return
     AutoConfig.register(MODEL_TYPE, CognicaPoEConfig, exist_ok=True)
     AutoModelForCausalLM.register(CognicaPoEConfig, CognicaPoEForCausalLM, exist_ok=True)
-    from cognica.tokenizer import register_tokenizer
+    from cognica.hf_tokenizer import register_tokenizer
 
     register_tokenizer(CognicaPoEConfig)
     _registered = True

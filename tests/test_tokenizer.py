@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from cognica.factory_tokenizer import train_factory_encoding, write_token_bytes
+from cognica.hf_tokenizer import register_tokenizer
 from cognica.tokenizer import (
     BOS,
     N_RANKS,
@@ -30,7 +31,6 @@ from cognica.tokenizer import (
     convert_tokenizer,
     converted_tokenizer,
     load_tiktoken_pickle,
-    register_tokenizer,
 )
 from tests.hub_fixture import CACHE_DAMAGES, damage_cache_entry, make_hostile, run_python, unwritable_cache_dir
 
