@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 
 from cognica.chat import STOP_TOKEN, TEMPLATE_PATH, chat_template
 from cognica.factory_tokenizer import train_factory_encoding
-from cognica.tokenizer import convert_tokenizer, register_tokenizer
+from cognica.hf_tokenizer import register_tokenizer
+from cognica.tokenizer import convert_tokenizer
 
 pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
 
