@@ -144,14 +144,14 @@ class CognicaGPT(nn.Module):
             cache.prev_embedding = x[:, -1:]
         x = layers.smear(x, x_prev, self.smear_gate.weight, self.smear_lambda, has_prev)
 
-        x0, x_backout, tails = x, None, []
+        x0, x_backout, tails, readout = x, None, [], cfg.readout_layers
         for i, block in enumerate(self.transformer.h):
             x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, cache)
             if i == cfg.backout_layer:
                 x_backout = x
-            if i in cfg.readout_layers:
+            if i in readout:
                 tails.append(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i)))
         if cache is not None:
             cache.pos += T

@@ -35,6 +35,14 @@ PLAIN_PARAMETERS = ("ve_gate.weight", "smear_gate.weight")  # nn.Linear in nanoc
 _LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
 
 WeightLoader = Callable[..., None]
+# what a LoRA adapter may reach on both engines (cognica_vllm.lora, cognica_sglang.lora)
+LORA_REACH = ("LoRA reaches attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj, transformer.wte and lm_head (value embeddings, "
+              "ve_gate, smear_gate and the scalars are not adaptable)")
+
+
+def unadaptable(module: str) -> ValueError:
+    """The one-line refusal of a LoRA adapter on a module (nanochat path) neither engine can adapt."""
+    return ValueError(f"cognica: a LoRA adapter targets {module}, which this model cannot adapt; {LORA_REACH}")
 
 
 def engine_name(canonical: str) -> str:
@@ -88,16 +96,16 @@ def engine_weights(cfg: CognicaConfig, weights: Iterable[tuple[str, torch.Tensor
 
 
 def load_parameters(params: Mapping[str, torch.nn.Parameter], weights: Iterable[tuple[str, torch.Tensor]],
-                    default_loader: WeightLoader, prefix: str = "",
+                    default_loader: WeightLoader,
                     absent: Callable[[str], bool] = lambda name: False) -> set[str]:
-    """Load `engine_weights` output into `params` (names relative to `prefix`) through each parameter's
+    """Load `engine_weights` output into `params` (the same names) through each parameter's
     `weight_loader` (the QKV parts with their shard id), else the engine's `default_loader`. A name for which
     `absent(name)` holds belongs to another pipeline stage and is skipped; any other name without a parameter is a
     quantization scale the engine's layer did not create (its quant config did not reach it): CheckpointError.
-    Returns the names loaded (relative to `prefix`)."""
+    Returns the names loaded."""
     loaded: set[str] = set()
     for name, tensor in weights:
-        target, shard = stacked_shard(name.removeprefix(prefix))
+        target, shard = stacked_shard(name)
         if target not in params:
             if absent(target):
                 continue

@@ -16,17 +16,21 @@ from __future__ import annotations
 from typing import Any
 
 
+def serves_on_cpu(device: str | None) -> bool:
+    """Whether SGLang's `--device` (None: chosen by SGLang, a CPU when there is no CUDA) is a CPU."""
+    if device is None:
+        import torch
+
+        return not torch.cuda.is_available()
+    return device == "cpu"
+
+
 def _hybrid_swa_override(server_args: Any, hf_config: Any) -> dict:
     from sglang.srt.arg_groups.model_override_base import attention_backends_of, resolving_view
 
     cfg = resolving_view(server_args)
-    if cfg.device == "cpu" or "torch_native" in attention_backends_of(cfg):
+    if serves_on_cpu(cfg.device) or "torch_native" in attention_backends_of(cfg):
         return {"disable_hybrid_swa_memory": True}
-    if cfg.device is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            return {"disable_hybrid_swa_memory": True}
     return {}
 
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from cognica.checkpoint import canonical_name, padded_vocab
+from cognica.weights import LORA_REACH, unadaptable
 
 # module class name -> {attribute the model's code reads: name SGLang's LoRA code looks for}
 LORA_MODULE_NAMES = {
@@ -56,8 +57,6 @@ TARGET_MODULES = {"c_q": ("q_proj",), "c_k": ("k_proj",), "c_v": ("v_proj",), "c
                   "attn.c_proj": ("o_proj",), "mlp.c_proj": ("down_proj",), "c_fc": ("c_fc",),
                   "wte": ("embed_tokens",), "lm_head": ("lm_head",)}
 LORA_TENSOR = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
-REACH = ("LoRA reaches attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj, transformer.wte and lm_head (value embeddings, "
-         "ve_gate, smear_gate and the scalars are not adaptable)")
 
 _alias_classes: dict[type, type] = {}
 
@@ -95,7 +94,7 @@ class CognicaLoRAMixin:
                 "c_fc": (cfg.n_embd, cfg.mlp_hidden), "down_proj": (cfg.mlp_hidden, cfg.n_embd),
                 "embed_tokens": (padded_vocab(cfg), cfg.n_embd), "lm_head": (cfg.n_embd, padded_vocab(cfg))}
         if module_name not in dims:
-            raise NotImplementedError(f"cognica: no LoRA target {module_name!r}; {REACH}")
+            raise NotImplementedError(f"cognica: no LoRA target {module_name!r}; {LORA_REACH}")
         return dims[module_name]
 
     def should_apply_lora(self, module_name: str) -> bool:
@@ -155,7 +154,7 @@ def sglang_adapter_tensors(tensors: dict[str, torch.Tensor], model: Any) -> dict
             raise ValueError("cognica: a LoRA adapter targets lm_head, which the Log-OP head (poe_head='logop') "
                              "reads per stage without SGLang's LoRA wrapper; serve it without poe_head='logop'")
         else:
-            raise ValueError(f"cognica: a LoRA adapter targets {module}, which this model cannot adapt; {REACH}")
+            raise unadaptable(module)
         out[name] = w
     q_out, kv_out = cfg.n_head * cfg.head_dim, cfg.kv_dim
     for i, parts in qkv.items():
@@ -226,8 +225,9 @@ LORA_HOOKS = [
 def check_lora_server_args(view: Any) -> None:
     """First-process refusals for `--enable-lora` / `--lora-paths` (a failure in the scheduler only kills the
     engine): no CUDA driver (SGLang's LoRA layers pin host memory), and a Triton LoRA backend on CPU."""
-    cpu = view.device == "cpu" or (view.device is None and not torch.cuda.is_available())
-    if not cpu:
+    from cognica_sglang import serves_on_cpu
+
+    if not serves_on_cpu(view.device):
         return
     try:
         torch.empty(1, pin_memory=True)

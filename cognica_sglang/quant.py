@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 # what SGLang 0.5.23 answers on a CPU (tests/test_sglang_quant.py asserts its in-tree Llama still fails this way)
 ENGINE_REASON = ("SGLang 0.5.23's compressed-tensors layers are CUDA-only: building one checks the CUDA compute "
                  "capability ('RuntimeError: Found no NVIDIA driver on your system' on a CPU, for its own "
@@ -39,7 +37,9 @@ def check_quantization(quant_config: Any, hf_config: Any, device: str | None = N
     qc = quant_config if quant_config is not None else getattr(hf_config, "quantization_config", None)
     if qc is None:
         return
-    if device != "cpu" and (device is not None or torch.cuda.is_available()):
+    from cognica_sglang import serves_on_cpu
+
+    if not serves_on_cpu(device):
         return
     named = getattr(hf_config, "quantization_config", None) or qc  # config.json's spelling, "compressed-tensors"
     raise ValueError(f"cognica: this checkpoint is quantized ({quant_method(named)}), which SGLang cannot serve on a "

@@ -14,6 +14,7 @@ import re
 from vllm.model_executor.models.utils import WeightsMapper
 
 from cognica.checkpoint import WRAPPER_PREFIXES, canonical_name
+from cognica.weights import unadaptable
 
 ADAPTABLE = re.compile(r"^(model\.layers\.\d+\.(attn\.(c_q|c_k|c_v|c_proj)|mlp\.(c_fc|c_proj))|model\.wte|lm_head)\.")
 LORA_TENSOR = re.compile(r"\.(lora_A|lora_B)\.weight$|\.lora_embedding_[AB]$")
@@ -30,9 +31,7 @@ class CognicaLoRANames(WeightsMapper):
         result = super()._map_name_with_shard(key)
         if result is not None and LORA_TENSOR.search(key) and not ADAPTABLE.match(result[0]):
             module = LORA_TENSOR.sub("", canonical_name(key))
-            raise ValueError(f"cognica: a LoRA adapter targets {module}, which this model cannot adapt; LoRA reaches "
-                             "attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj, transformer.wte and lm_head (value "
-                             "embeddings, ve_gate, smear_gate and the scalars are not adaptable)")
+            raise unadaptable(module)
         return result
 
 

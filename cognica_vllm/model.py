@@ -224,14 +224,14 @@ class CognicaModel(nn.Module):
             assert intermediate_tensors is not None
             x, x0 = intermediate_tensors["hidden_states"], intermediate_tensors["x0"]
             x_backout = intermediate_tensors["x_backout"]
-        tails = []
+        tails, readout = [], cfg.readout_layers
         for i, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer):
             x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
             ve = self.value_embeds[str(i)](input_ids)[..., self.kv_slice] if str(i) in self.value_embeds else None
             x = layer(positions, x, ve)
             if i == cfg.backout_layer:
                 x_backout = x
-            if i in cfg.readout_layers:
+            if i in readout:
                 tails.append(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i)))
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": x, "x0": x0, "x_backout": x_backout})

@@ -77,13 +77,12 @@ def test_load_parameters_uses_the_shard_loader_and_refuses_a_scale_without_a_par
     qkv = Param(torch.zeros(4))
     qkv.weight_loader = lambda p, t, shard: calls.append(("qkv", shard))
     plain = torch.nn.Parameter(torch.zeros(2))
-    params = {"layers.0.attn.qkv_proj.weight": qkv, "resid_lambdas": plain}
+    params = {"model.layers.0.attn.qkv_proj.weight": qkv, "model.resid_lambdas": plain}
     loaded = load_parameters(params, [("model.layers.0.attn.c_v.weight", torch.ones(4)),
                                       ("model.resid_lambdas", torch.ones(2)),
                                       ("model.layers.9.mlp.c_fc.weight", torch.ones(1))],
-                             lambda p, t: p.data.copy_(t), prefix="model.", absent=lambda n: n.startswith("layers.9"))
+                             lambda p, t: p.data.copy_(t), absent=lambda n: n.startswith("model.layers.9"))
     assert calls == [("qkv", "v")] and plain.tolist() == [1.0, 1.0]
-    assert loaded == {"layers.0.attn.qkv_proj.weight", "resid_lambdas"}
+    assert loaded == {"model.layers.0.attn.qkv_proj.weight", "model.resid_lambdas"}
     with pytest.raises(CheckpointError, match="built no parameter"):
-        load_parameters(params, [("model.layers.0.mlp.c_fc.weight_scale", torch.ones(1))], lambda p, t: None,
-                        prefix="model.")
+        load_parameters(params, [("model.layers.0.mlp.c_fc.weight_scale", torch.ones(1))], lambda p, t: None)
