@@ -13,7 +13,7 @@ setup(
     description="vLLM and SGLang plugins for Cognica-BP/PoE-v1.0-1.3B-base (nanochat architecture)",
     python_requires=">=3.10",
     packages=["cognica", "cognica_vllm", "cognica_sglang", "cognica_kernels"],
-    package_dir={"cognica_kernels": "kernels"},
+    package_dir={"cognica_kernels": "kernels/cognica_kernels"},
     package_data={"cognica": ["chat_template.jinja"]},
     install_requires=[
         "torch>=2.4",

@@ -627,7 +627,7 @@ def report(out_dir: Path) -> int:
             print(f"  {row['case']:<40} ours {_fmt(row['ours_us'], '6.1f')}{'' if row['ours_ok'] else ' (x)'}  "
                   f"{peers}  {row['error'] or ''}")  # fmt: skip
     print(f"\nverdicts ({verdict_table['gpu']}, capability {verdict_table['capability']}; \"triton\" means: add "
-          "this GPU name to MEASURED_FASTER[op] in kernels/dispatch.py; \"engine\": leave it out)")  # fmt: skip
+          "this GPU name to MEASURED_FASTER[op] in kernels/cognica_kernels/dispatch.py; \"engine\": leave it out)")  # fmt: skip
     for op in VERDICT_OPS:
         v = verdict_table[op]
         print(f"  {op:<10} {v['verdict']:<7} {v['reason']}")

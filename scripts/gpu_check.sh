@@ -17,7 +17,7 @@
 #   decode        benchmarks/paged_decode.py: 1.38B factory model, paged decode step  -> OUTDIR/decode.json
 #   report        the table last; everything merged into OUTDIR/gpu_check.json
 # Python: $PYTHON, else python3 (--dry-run: .venv/vllm/bin/python where it exists). The package need not be
-# installed: cognica and tests import from the repository, cognica_kernels through a link to kernels/.
+# installed: cognica and tests import from the repository, cognica_kernels through a link to kernels/cognica_kernels/.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 DRY=0
@@ -49,7 +49,7 @@ else
 fi
 SHIM=$(mktemp -d)
 trap 'rm -rf "$SHIM"' EXIT
-ln -s "$REPO/kernels" "$SHIM/cognica_kernels"  # setup.py: package_dir={"cognica_kernels": "kernels"}
+ln -s "$REPO/kernels/cognica_kernels" "$SHIM/cognica_kernels"  # setup.py: package_dir={"cognica_kernels": "kernels/cognica_kernels"}
 export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [ $DRY -eq 1 ]; then
