@@ -28,6 +28,10 @@ step gpu-check-dry-run .venv/vllm/bin/python -m pytest -q -m gpu_check tests
 step vllm .venv/vllm/bin/python -m pytest -q -m "vllm and not slow" tests
 step sglang env SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest -q \
   -m "sglang and not slow" tests
+# SGLang's GPU attention path (triton backend, hybrid SWA pool) run by Triton's interpreter: its own process, as the
+# interpreter must be chosen before triton is imported
+step sglang-gpu-path env TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub \
+  .venv/sglang/bin/python -m pytest -q -m sglang_gpu_path tests
 
 echo "=== all tests: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
 exit $status
