@@ -55,6 +55,13 @@ sys.exit(0 if version('$(vllm_dist)') == '$(vllm_version)' else 1)" 2>/dev/null;
     fi
   fi
   install_self vllm
+  # Triton 3.6.0, the GPU machines' version, beside the venv's own for the second compile check of scripts/test.sh
+  # (PYTHONPATH=.venv/triton36 puts it ahead of the venv's Triton; tests/test_kernels_compile.py)
+  if [ ! -f .venv/triton36/triton-3.6.0.dist-info/METADATA ]; then
+    echo "[setup] installing triton==3.6.0 into .venv/triton36"
+    rm -rf .venv/triton36
+    .venv/vllm/bin/pip install -q --no-deps --target .venv/triton36 "triton==3.6.0"
+  fi
   echo "[setup] .venv/vllm ready: $(.venv/vllm/bin/python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null | tail -1)"
 fi
 

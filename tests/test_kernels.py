@@ -347,11 +347,11 @@ def test_decode_split_k_fills_the_gpu_by_its_own_sm_count():
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80-tiles", "sm90-tiles"])
 def test_prefill_tiles_of_each_architecture_match_reference(monkeypatch, arch, window_left):
     """The launcher sizes prefill tiles by the device (`device_arch`): 128 query rows x 16 keys with 8 warps on
-    Hopper, 32 x 32 on an A100. Each choice is exact: a 130-token prefill (two 128-row tiles, the second one row
+    Hopper, 32 x 16 on an A100. Each choice is exact: a 130-token prefill (two 128-row tiles, the second one row
     long), a 40-token chunk on a 560-key prefix (past the window) and a decode step in one batch."""
     monkeypatch.setattr(attn_ops, "device_arch", lambda device_index: arch)
     variant = attn_ops.kernel_variant(3, 2, 2, 130, 600, window_left, arch=arch)
-    expected = {80: (32, 32, 8), 90: (128, 16, 8)}[arch]
+    expected = {80: (32, 16, 8), 90: (128, 16, 8)}[arch]
     assert (variant["BLOCK_M"], variant["BLOCK_N"], variant["num_warps"]) == expected, variant
     assert variant["NUM_STAGES"] == 5, "two-deep software pipelining of the block table and K/V"
     dtype, atol, rtol = BF16

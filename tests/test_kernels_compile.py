@@ -8,6 +8,11 @@ KV view, SGLang's token pool) with `JITFunction.run` replaced by a recorder, app
 specialisation to each recorded call and compiles what a launch would compile; `python tests/test_kernels_compile.py
 --table` prints its table (docs/performance.md, "Compiled variants").
 
+scripts/test.sh runs this file twice: on the engines' Triton (3.9 in .venv/vllm) and on Triton 3.6.0, the GPU
+machines' version, installed by scripts/setup.sh into .venv/triton36 and put ahead of the venv's with
+`PYTHONPATH=.venv/triton36` and `COGNICA_TRITON_VERSION=3.6.0` (test_compiles_with_the_triton_the_step_names
+fails if the shadowing did not take). Register counts differ between the two (docs/performance.md has both).
+
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs Triton's bundled LLVM and ptxas. It
 cannot run in a process where `TRITON_INTERPRET=1` was set before the kernels were defined (test_kernels.py sets
 it): `triton.jit` then returns interpreter objects, not `JITFunction`s. So the compile runs in subprocesses
@@ -117,6 +122,18 @@ def _compile_all(cc: int) -> dict[str, dict[str, object]]:
             "cubin_bytes": len(compiled.asm.get("cubin", b"")),
         }
     return report
+
+
+def test_compiles_with_the_triton_the_step_names():
+    """COGNICA_TRITON_VERSION (the Triton 3.6 step sets it) is the Triton imported here and in the compile
+    subprocesses, which inherit this environment; without it, the venv's installed Triton."""
+    import importlib.metadata
+
+    import triton
+
+    expected = os.environ.get("COGNICA_TRITON_VERSION") or importlib.metadata.version("triton")
+    assert triton.__version__ == expected, f"imported Triton {triton.__version__} from {triton.__file__}, " \
+                                           f"expected {expected}"
 
 
 def test_every_kernel_lowers_to_cubin_for_sm80_and_sm90(tmp_path):
@@ -241,7 +258,8 @@ def _specialise(kernel, args: tuple, kwargs: dict, backend):
     kwargs = dict(kwargs)
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # newer Triton (3.9) only; 3.6 has no such knob
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     return kernel._pack_args(backend, kwargs, bound_args, specialization, options)

@@ -223,8 +223,9 @@ def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len:
     Under a CUDA graph the launch is recorded at capture, so these must depend only on values that are the same at
     warm-up, capture and replay: the engines pass their static maximum for `max_seq_len` (see `paged_attention`).
     `arch` is the device's compute capability as 10 * major + minor (`device_arch`; None: no CUDA device, taken as
-    Hopper). Tiles are chosen by what Triton 3.6 compiles for sm_80 / sm_90 (tests/test_kernels_compile.py, the
-    "Compiled variants" table of docs/performance.md: no spills, >= 25 % occupancy), not by GPU timings:
+    Hopper). Tiles are chosen by what Triton 3.6 (the GPU machines') and 3.9 (the engines') compile for sm_80 /
+    sm_90 (tests/test_kernels_compile.py, the "Compiled variants" table of docs/performance.md: no spills, >= 25 %
+    occupancy), not by GPU timings:
 
     - Every tile walks its keys in a `tl.range` loop with `NUM_STAGES` 5. Each key tile takes two dependent loads
       (block-table entries, then K/V through them); Triton's pipeliner divides the stages between the two levels,
@@ -232,10 +233,12 @@ def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len:
       K/V copies (cp.async) are in flight while the current tile's dots run.
     - Up to 16 rows (decode, short chunks): 4 warps, 32-key tiles (the double-buffered K/V is 32 KiB, so four
       programs fit on an A100 SM).
-    - More rows on Hopper (sm_90+): up to 128 rows with 8 warps (two warpgroups), 16-key tiles at 128 rows and 32
-      below (at 128 rows x 32 keys ptxas needs more than the 128 registers that two 8-warp programs per SM allow).
-    - More rows elsewhere (sm_80): 32 rows with 8 warps, 32-key tiles (64 rows took 160+ registers at 8 warps and
-      240+ at 4).
+    - More rows on Hopper (sm_90+): up to 128 rows with 8 warps (two warpgroups) and 16-key tiles.
+    - More rows elsewhere (sm_80): 32 rows with 8 warps and 16-key tiles (64 rows took 160+ registers at 8 warps
+      and 240+ at 4).
+    - Why 16 keys above 16 rows: with 32-key tiles Triton 3.6's ptxas needs 142 registers for 32 rows x 8 warps in
+      vLLM's layout (sm_80 and sm_90) and spills 4 B in SGLang's page-1 layout on sm_80, past the 128 registers
+      that two 8-warp programs per SM allow; 16-key tiles take 124-126 on 3.6 and 102-116 on 3.9.
     """
     group_p2 = next_power_of_2(num_heads // num_kv_heads)
     hopper = arch is None or arch >= 90
@@ -246,7 +249,7 @@ def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len:
         num_splits = _decode_splits(batch, num_kv_heads, span, sms)
     block_m = max(16, block_q * group_p2)  # tl.dot: >= 16 rows
     return {"GROUP_P2": group_p2, "BLOCK_Q": block_q, "BLOCK_M": block_m, "NUM_SPLITS": num_splits,
-            "BLOCK_N": 16 if block_m >= 128 else 32, "NUM_STAGES": 5, "num_warps": 4 if block_m <= 16 else 8}
+            "BLOCK_N": 32 if block_m <= 16 else 16, "NUM_STAGES": 5, "num_warps": 4 if block_m <= 16 else 8}
 
 
 @functools.cache
