@@ -347,11 +347,15 @@ def _compile_production(cc: int) -> dict[str, dict[str, object]]:
     return {f"{v['kernel']}#{i}@sm_{cc}": v for i, v in enumerate(variants.values())}
 
 
-def format_table(report: dict[str, dict[str, object]]) -> str:
-    """The markdown table docs/performance.md keeps ("Compiled variants")."""
+def format_table(report: dict[str, dict[str, object]], beside: dict[str, dict[str, object]] | None = None,
+                 beside_name: str = "") -> str:
+    """The markdown table docs/performance.md keeps ("Compiled variants"); `beside`, another Triton's report of the
+    same launches, adds its registers / spills / occupancy in one column headed `beside_name`."""
+    other = {(k.rsplit("@", 1)[1], v["kernel"], v["launches"][0]): v for k, v in (beside or {}).items()}
     rows = ["| sm | kernel | tile | warps / stages | regs | spills (st/ld B) | smem KiB | blocks/SM | occupancy "
-            "| cp.async / 2-slot buffers / in flight at the dots | production launches |",
-            "|---|---|---|---|---:|---|---:|---:|---:|---|---|"]
+            "| cp.async / 2-slot buffers / in flight at the dots | production launches |"
+            + (f" {beside_name}: regs, spills, occupancy |" if beside else ""),
+            "|---|---|---|---|---:|---|---:|---:|---:|---|---|" + ("---|" if beside else "")]
     def order(kv):  # by target, then kernel, then the order of the first launch that compiles it
         kernel, rest = kv[0].split("#")
         return rest.split("@")[1], kernel, int(rest.split("@")[0])
@@ -367,12 +371,19 @@ def format_table(report: dict[str, dict[str, object]]) -> str:
                     f"| {v['spill_stores']}/{v['spill_loads']} | {v['smem'] / 1024:.1f} | {v['blocks_per_sm']} "
                     f"| {v['occupancy']:.0%} | {v['async_copies']} / {v['multi_buffers']} / {v['loop_wait_pending']} "
                     f"| {', '.join(v['launches'])} |")
+        if beside:
+            o = other.get((sm, v["kernel"], v["launches"][0]))
+            rows[-1] += (" not compiled |" if o is None or "error" in o else
+                         f" {o['regs']}, {o['spill_stores']}/{o['spill_loads']}, {o['occupancy']:.0%} |")
     return "\n".join(rows)
 
 
-def _run_targets(mode: str, cache_dir: str) -> dict[str, dict[str, object]]:
-    """This file as a script, one process per target in parallel, with the interpreter off and a cold cache."""
+def _run_targets(mode: str, cache_dir: str, pythonpath: str | None = None) -> dict[str, dict[str, object]]:
+    """This file as a script, one process per target in parallel, with the interpreter off and a cold cache
+    (`pythonpath`: the PYTHONPATH of the subprocesses instead of this one's, "" for none)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     env["TRITON_CACHE_DIR"] = cache_dir  # a cold cache: every kernel really compiles
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     procs = {
@@ -413,10 +424,13 @@ def test_production_variants_compile_without_spills_at_25_percent_occupancy(tmp_
 
 if __name__ == "__main__":
     if sys.argv[1] == "--table":  # python tests/test_kernels_compile.py --table: the docs' table
+        import importlib.metadata
         import tempfile
 
-        with tempfile.TemporaryDirectory() as d:
-            print(format_table(_run_targets("production", d)))
+        triton36 = str(Path(__file__).resolve().parent.parent / ".venv" / "triton36")  # scripts/setup.sh makes it
+        with tempfile.TemporaryDirectory() as d36, tempfile.TemporaryDirectory() as d_venv:
+            venv = f"Triton {importlib.metadata.version('triton')}"
+            print(format_table(_run_targets("production", d36, triton36), _run_targets("production", d_venv, ""), venv))
     elif sys.argv[1] == "production":
         print(json.dumps(_compile_production(int(sys.argv[2]))))
     else:  # legality CC
