@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cognica.config import (
     _ALIASES,
@@ -26,6 +28,7 @@ from cognica.config import (
     ROPE_BASE,
     CognicaConfig,
 )
+from cognica.model import CognicaLayout, Gate, KVCache
 
 logger = logging.getLogger(__name__)
 # the CognicaConfig fields kept as attributes (the PoE stage options included) and read back by `to_cognica`
@@ -126,63 +129,147 @@ def cognica_config(hf_config: Any) -> CognicaConfig:
     return CognicaConfig.from_dict(hf_config.to_dict())
 
 
-class CognicaPoEForCausalLM(PreTrainedModel):
-    """The reference model behind `AutoModelForCausalLM`; `from_pretrained` goes through the validated
-    loader (`cognica.checkpoint`), so every native name variant loads and bad files fail clearly."""
+class CognicaPoEForCausalLM(CognicaLayout, PreTrainedModel):
+    """The reference model (`cognica.model`: the same module tree and forward) as transformers' causal LMs are laid
+    out: the published tensor names at the top level (`transformer.wte`, `transformer.h.N...`, `lm_head`,
+    `value_embeds.N`, the scalars), so `save_pretrained` writes the published layout and tools that match module names
+    (PEFT's `target_modules`, llm-compressor's `ignore=["lm_head"]`) see the names in-tree models have; the gates
+    are not `nn.Linear` (`cognica.model.Gate`), so `targets="Linear"` and `"all-linear"` leave them in float.
+    `from_pretrained` goes through the validated loader (`cognica.checkpoint`), so every native name variant loads
+    and bad files fail clearly."""
 
     config_class = CognicaPoEConfig
-    base_model_prefix = "model"
+    base_model_prefix = "transformer"  # as GPT-2's in-tree classes name the trunk
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CognicaBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _tied_weights_keys: dict[str, str] = {}  # lm_head is untied from wte
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)(cos|sin)$"]  # rotary buffers some exporters save
 
     def __init__(self, config: CognicaPoEConfig):
         super().__init__(config)
-        from cognica.model import CognicaGPT
+        self._build(config.to_cognica())
+        self.gradient_checkpointing = False
+        self.post_init()
 
-        self.model = CognicaGPT(config.to_cognica())
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """From-config construction (not `from_pretrained`): projections and tables N(0, 0.02), gates 0, and the
+        scalars at the identity (resid 1, x0 / smear / backout 0)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, Gate):
+            nn.init.zeros_(module.weight)
+        elif module is self:
+            nn.init.ones_(self.resid_lambdas)
+            for scalar in (self.x0_lambdas, self.smear_lambda, self.backout_lambda):
+                nn.init.zeros_(scalar)
 
-    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> CausalLMOutput:
-        return CausalLMOutput(logits=self.model(input_ids))
+    def get_input_embeddings(self) -> nn.Module:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, past_key_values: KVCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, position_ids: torch.Tensor | None = None,
+                cache_position: torch.Tensor | None = None, logits_to_keep: int = 0,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        """transformers' causal-LM forward. `attention_mask` (1 = token, 0 = padding; left or right padding) makes
+        each row equal its tokens alone; `labels` gives the mean shifted cross-entropy over labels != -100 (or the
+        sum / `num_items_in_batch`, as Trainer passes it) on the soft-capped fp32 logits. `past_key_values` is a
+        `cognica.model.KVCache` this model filled (none is made unless one is passed). Position ids follow from the
+        mask (`position_ids` / `cache_position`, which transformers may pass, must agree with it: they are not read).
+        """
+        if input_ids is None:
+            raise ValueError("CognicaPoEForCausalLM needs input_ids: smear and the value embeddings read token ids, "
+                             "so inputs_embeds cannot replace them")
+        if inputs_embeds is not None or output_attentions or output_hidden_states:
+            raise ValueError("CognicaPoEForCausalLM: inputs_embeds, output_attentions and output_hidden_states are "
+                             "not supported (the logits and the loss are)")
+        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+            raise ValueError(f"past_key_values must be a cognica.model.KVCache, got {type(past_key_values).__name__}")
+        logits = self.forward_logits(input_ids, past_key_values, attention_mask)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels.to(logits.device), kwargs.get("num_items_in_batch"))
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
     @classmethod
     def can_generate(cls) -> bool:
         return True  # our own generate (cognica.generation), which pipeline("text-generation") calls
 
-    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """KV-cache generation of the reference with transformers' semantics for the keywords it supports;
-        any other keyword raises (see `cognica.generation`)."""
+    def generate(self, input_ids: torch.Tensor | None = None, generation_config: Any = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """KV-cache generation of the reference with transformers' semantics for the keywords it supports, on
+        left-padded batches too (`attention_mask`); a keyword that would change the output otherwise raises (see
+        `cognica.generation`)."""
         from cognica.generation import generate
 
+        input_ids = kwargs.pop("inputs", None) if input_ids is None else input_ids
         if input_ids is None:
             raise ValueError("generate() needs input_ids")
-        return generate(self.model, input_ids, self.generation_config, **kwargs)
+        if generation_config is not None:
+            kwargs["generation_config"] = generation_config
+        return generate(self, input_ids, self.generation_config, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, dtype: Any = None,
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *args: Any, dtype: Any = None,
                         torch_dtype: Any = None, **kwargs: Any) -> CognicaPoEForCausalLM:
         """A checkpoint directory or Hub id (resolved through huggingface_hub's cache; the repo's *.py are
-        neither downloaded nor imported). dtype "auto" is config.json's torch_dtype, as in transformers."""
+        neither downloaded nor imported). dtype "auto" is config.json's torch_dtype, as in transformers.
+        `config.name_or_path` is the id or directory given (tools such as llm-compressor reload from it)."""
         from transformers import GenerationConfig
 
+        from cognica.checkpoint import open_checkpoint
         from cognica.hub import resolve
-        from cognica.model import load_reference
 
-        root = resolve(pretrained_model_name_or_path, revision=kwargs.get("revision"),
+        root = resolve(str(pretrained_model_name_or_path), revision=kwargs.get("revision"),
                        cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
                        local_files_only=bool(kwargs.get("local_files_only")))
-        config = CognicaPoEConfig.from_pretrained(root)
+        config = kwargs.get("config")
+        if not isinstance(config, CognicaPoEConfig):
+            config = CognicaPoEConfig.from_pretrained(root)
         dtype = dtype or torch_dtype or torch.float32
         if dtype == "auto":
             dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        ref = load_reference(root, dtype=dtype)
+        ckpt = open_checkpoint(root)
+        cfg = config.to_cognica()
         with torch.device("meta"):
             model = cls(config)
-        model.model = ref
+        model = model.to_empty(device="cpu").to(dtype)
+        # a stage prefix reads only the tensors it builds
+        model.load_state_dict(ckpt.state_dict(dtype, keep=cfg.is_built), strict=True)
         if (root / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(root)
-        model.name_or_path = str(pretrained_model_name_or_path)
+        model.name_or_path = model.config.name_or_path = str(pretrained_model_name_or_path)
+        model.config.dtype = dtype
         return model.eval()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """Cross-entropy of logits[:, t] against labels[:, t + 1] in fp32, ignoring -100: the mean over counted
+    tokens, or their sum / `num_items_in_batch` (Trainer's count over a gradient-accumulation step)."""
+    logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, target, ignore_index=-100)
+    total = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
 
 
 _registered = False

@@ -13,6 +13,9 @@ nanochat GPT as of a825e63 (see shared/spec/model.md). Notable, in forward order
 PoE stage modes (config `poe_exit_stage`, `poe_head`): a stage prefix builds only layers 0..n_active_layers-1
 and predicts through `layers.exit_tail` + the shared norm/head/soft-cap; the Log-OP head averages the stage-end
 log-softmaxes (`layers.head_logits`). Parameter names are nanochat's, so a canonical state dict loads as is.
+Padded batches (an `attention_mask`, left or right padding): a padded key is never attended, each row's rotary
+positions start at its first real token and smear sees no token before it, so every row equals its prompt alone.
+The module tree and forward live in `CognicaLayout`, which the transformers class (`cognica.hf`) shares.
 """
 
 from __future__ import annotations
@@ -31,16 +34,58 @@ from cognica.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 
 @dataclass
 class KVCache:
-    """Per-layer keys/values [B, H_kv, T, D] plus the smear state: the last token's normed embedding."""
+    """Per-layer keys/values [B, H_kv, T, D] plus the smear state: the last token's normed embedding; after a
+    padded forward also which cached keys are real tokens ([B, T] bool)."""
 
     k: list[torch.Tensor | None]
     v: list[torch.Tensor | None]
     pos: int = 0
     prev_embedding: torch.Tensor | None = field(default=None)
+    key_valid: torch.Tensor | None = field(default=None)
 
     @classmethod
     def empty(cls, n_layer: int) -> KVCache:
         return cls([None] * n_layer, [None] * n_layer)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where one forward's T tokens sit: their cache indices, the S = start + T key indices, and the rotary positions
+    of both (equal to the indices unless the batch is padded; then [B, T] / [B, S], with `k_valid` [B, S])."""
+
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    k_valid: torch.Tensor | None = None
+
+    def attention_mask(self, window_left: int) -> torch.Tensor:
+        """Causal, windowed (a query sees itself and `window_left` positions before it), padded keys excluded:
+        [T, S], or [B, 1, T, S] for a padded batch."""
+        mask = (self.k_index[None, :] <= self.q_index[:, None]) & (
+            self.q_pos[..., :, None] - self.k_pos[..., None, :] <= window_left)
+        if self.k_valid is None:
+            return mask
+        # a padded query sees itself only: its output is never read, and a row with no key would give NaN
+        return ((mask & self.k_valid[:, None, :]) | (self.q_index[:, None] == self.k_index[None, :]))[:, None]
+
+
+def token_span(idx: torch.Tensor, start: int, attention_mask: torch.Tensor | None,
+               cache: KVCache | None) -> Span:
+    """The `Span` of `idx` [B, T] after `start` cached tokens; with a padding mask (this call's or the cache's),
+    a row's positions count its real tokens only (so a left-padded row starts at 0 like its prompt alone)."""
+    B, T = idx.shape
+    q_index = torch.arange(start, start + T, device=idx.device)
+    k_index = torch.arange(start + T, device=idx.device)
+    cached = None if cache is None else cache.key_valid
+    if attention_mask is None and cached is None:
+        return Span(q_index, k_index, q_index, k_index)
+    real = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.to(idx.device).bool()
+    if cached is None:
+        cached = torch.ones(B, start, dtype=torch.bool, device=idx.device)
+    valid = torch.cat([cached, real], dim=1)
+    pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return Span(q_index, k_index, pos[:, -T:], pos, valid)
 
 
 class CognicaAttention(nn.Module):
@@ -52,9 +97,9 @@ class CognicaAttention(nn.Module):
         self.c_k = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=False)
         self.c_v = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, cfg.n_kv_head, bias=False) if layer_idx in cfg.ve_layers else None
+        self.ve_gate = Gate(VE_GATE_CHANNELS, cfg.n_kv_head) if layer_idx in cfg.ve_layers else None
 
-    def forward(self, h, ve, cos, sin, cache: KVCache | None, layer_idx: int):
+    def forward(self, h, ve, cos, sin, cache: KVCache | None, layer_idx: int, span: Span):
         B, T, _ = h.shape
         q = self.c_q(h).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(h).view(B, T, self.n_kv_head, self.head_dim)
@@ -65,19 +110,13 @@ class CognicaAttention(nn.Module):
         q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
         q, k = layers.qk_norm(q, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        start = 0
         if cache is not None:
-            start = cache.pos
             if cache.k[layer_idx] is not None:
                 k = torch.cat([cache.k[layer_idx], k], dim=2)
                 v = torch.cat([cache.v[layer_idx], v], dim=2)
             cache.k[layer_idx], cache.v[layer_idx] = k, v
-        t = torch.arange(start, start + T, device=h.device)[:, None]
-        s = torch.arange(k.shape[2], device=h.device)[None, :]
-        mask = (s <= t) & (t - s <= self.window_left)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_head != self.n_kv_head
-        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=span.attention_mask(self.window_left),
+                                           scale=self.head_dim**-0.5, enable_gqa=self.n_head != self.n_kv_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -98,15 +137,29 @@ class CognicaBlock(nn.Module):
         self.attn = CognicaAttention(cfg, layer_idx)
         self.mlp = CognicaMLP(cfg)
 
-    def forward(self, x, ve, cos, sin, cache):
-        x = x + self.attn(layers.norm(x), ve, cos, sin, cache, self.layer_idx)
+    def forward(self, x, ve, cos, sin, cache, span):
+        x = x + self.attn(layers.norm(x), ve, cos, sin, cache, self.layer_idx, span)
         return x + self.mlp(layers.norm(x))
 
 
-class CognicaGPT(nn.Module):
-    def __init__(self, cfg: CognicaConfig):
+class Gate(nn.Module):
+    """A bias-free gate projection ([out, in] `weight`, as nanochat's nn.Linear stores it) that is not an nn.Linear:
+    quantizers (`targets="Linear"`) and PEFT's `all-linear` leave it alone, as the engines serve it (a plain
+    parameter, `cognica.weights`). `layers.smear` / `layers.add_value_embedding` apply it."""
+
+    def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.config = cfg
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+
+class CognicaLayout:
+    """nanochat's module tree, whose parameter names are the published tensor names, and its forward; mixed into
+    `CognicaGPT` and the transformers class (`cognica.hf`), so both hold exactly the published state dict."""
+
+    arch: CognicaConfig
+
+    def _build(self, cfg: CognicaConfig) -> None:
+        self.arch = cfg
         v = padded_vocab(cfg)
         self.transformer = nn.ModuleDict(
             {"wte": nn.Embedding(v, cfg.n_embd),
@@ -115,48 +168,68 @@ class CognicaGPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, v, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(cfg.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(cfg.n_layer))
-        self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+        self.smear_gate = Gate(SMEAR_CHANNELS, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.value_embeds = nn.ModuleDict(
             {str(i): nn.Embedding(v, cfg.kv_dim) for i in cfg.ve_layers if i < cfg.n_active_layers}
         )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
-
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward_logits(self, idx: torch.Tensor, cache: KVCache | None = None,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx [B, T] -> fp32 soft-capped logits [B, T, vocab_size] (Log-OP head: normalised log-probs).
-        With a cache, idx continues it."""
-        cfg = self.config
-        B, T = idx.shape
+        With a cache, idx continues it. `attention_mask` [B, T] (1 = token, 0 = padding) covers this call's tokens."""
+        cfg, dtype = self.arch, self.lm_head.weight.dtype
         start = 0 if cache is None else cache.pos
-        cos, sin = layers.rotary_cos_sin(torch.arange(start, start + T, device=idx.device), cfg.head_dim, self.dtype)
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        span = token_span(idx, start, attention_mask, cache)
+        cos, sin = layers.rotary_cos_sin(span.q_pos, cfg.head_dim, dtype)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # over the heads
 
-        x = layers.norm(self.transformer.wte(idx).to(self.dtype))
-        # smear: mix in the previous token's normed embedding; position 0 of a sequence has none
+        x = layers.norm(self.transformer.wte(idx).to(dtype))
+        # smear: mix in the previous token's normed embedding; a row's first real token has none
+        B = idx.shape[0]
         prev = x.new_zeros(B, 1, cfg.n_embd) if cache is None or cache.prev_embedding is None else cache.prev_embedding
-        has_prev = (torch.arange(start, start + T, device=idx.device) > 0)[None, :, None]
+        has_prev = span.q_pos > 0
+        if span.k_valid is not None:
+            has_prev = has_prev & span.k_valid[:, -idx.shape[1]:]
         x_prev = torch.cat([prev, x[:, :-1]], dim=1)
         if cache is not None:
             cache.prev_embedding = x[:, -1:]
-        x = layers.smear(x, x_prev, self.smear_gate.weight, self.smear_lambda, has_prev)
+            cache.key_valid = span.k_valid
+        x = layers.smear(x, x_prev, self.smear_gate.weight, self.smear_lambda, has_prev[..., None])
 
+        checkpointing = self.training and getattr(self, "gradient_checkpointing", False)
         x0, x_backout, tails, readout = x, None, [], cfg.readout_layers
         for i, block in enumerate(self.transformer.h):
             x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, cache)
+            if checkpointing:  # set by transformers' gradient_checkpointing_enable (the transformers class only)
+                x = self._gradient_checkpointing_func(block.__call__, x, ve, cos, sin, cache, span)
+            else:
+                x = block(x, ve, cos, sin, cache, span)
             if i == cfg.backout_layer:
                 x_backout = x
             if i in readout:
                 tails.append(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i)))
         if cache is not None:
-            cache.pos += T
+            cache.pos += idx.shape[1]
         return layers.head_logits(layers.readout(tails), cfg.n_embd,
                                   lambda h: layers.softcap(self.lm_head(h)[..., :cfg.vocab_size]))
+
+
+class CognicaGPT(CognicaLayout, nn.Module):
+    def __init__(self, cfg: CognicaConfig):
+        super().__init__()
+        self.config = cfg
+        self._build(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_logits(idx, cache, attention_mask)
 
     @torch.inference_mode()
     def generate(
