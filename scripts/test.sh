@@ -35,6 +35,10 @@ step sglang env SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/b
 # interpreter must be chosen before triton is imported
 step sglang-gpu-path env TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub \
   .venv/sglang/bin/python -m pytest -q -m sglang_gpu_path tests
+# vLLM 0.34's V2 runner and Triton attention on this CPU, Triton interpreted (.venv/vllm-v2 and its test-only plugin
+# tests/vllm_v2_shim, which checks this environment: CUDA_VISIBLE_DEVICES set and empty keeps vLLM's Triton on)
+step vllm-v2 env TRITON_INTERPRET=1 VLLM_TARGET_DEVICE=cpu CUDA_VISIBLE_DEVICES= .venv/vllm-v2/bin/python -m pytest -q \
+  -m vllm_v2 tests
 
 echo "=== all tests: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
 exit $status

@@ -16,7 +16,7 @@ import pytest
 
 from cognica.factory import make_checkpoint
 
-STEPS = ("core", "kernels", "kernels_compile", "gpu_check", "vllm", "sglang", "sglang_gpu_path")
+STEPS = ("core", "kernels", "kernels_compile", "gpu_check", "vllm", "sglang", "sglang_gpu_path", "vllm_v2")
 _MARKS = re.compile(r"^pytestmark\s*=\s*(.+)$", re.M)
 
 
