@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 from vllm.engine.arg_utils import EngineArgs
-from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+try:  # vLLM >= 0.33
+    from vllm.entrypoints.common.cli_args import make_arg_parser
+except ImportError:  # vLLM 0.32
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
 
 from tests.server_utils import free_port, reference_text, serve
 
