@@ -3,10 +3,11 @@
 SGLang calls it in every process (engine, scheduler, detokenizer, data-parallel controller)
 before it parses server arguments. It registers the config and the tokenizer class with
 transformers (no `trust_remote_code`), the model under every architecture string in
-`cognica.config.ARCHITECTURE_ALIASES`, and one config-time override: on CPU or with the
-`torch_native` backend the hybrid sliding-window KV pool is turned off, because that backend reads
-sliding layers' keys with untranslated full-pool slots (windows still apply; only the memory
-saving is lost). CUDA backends (triton, flashinfer, fa3) keep the small sliding-window pool.
+`cognica.config.ARCHITECTURE_ALIASES`, and one config-time override (`keeps_swa_pool`): with the
+`torch_native` backend (the CPU default) the hybrid sliding-window KV pool is turned off, because that
+backend reads sliding layers' keys with untranslated full-pool slots (windows still apply; only the memory
+saving is lost). CUDA backends (triton, flashinfer, fa3) keep the small sliding-window pool, and so does
+the triton backend on a CPU (Triton's interpreter).
 `SGLANG_EXTERNAL_MODEL_PACKAGE=cognica_sglang` also works: SGLang then imports
 `cognica_sglang.model` and reads its `EntryClass`.
 """
@@ -25,29 +26,58 @@ def serves_on_cpu(device: str | None) -> bool:
     return device == "cpu"
 
 
-def _hybrid_swa_override(server_args: Any, hf_config: Any) -> dict:
-    from sglang.srt.arg_groups.model_override_base import attention_backends_of, resolving_view
+def keeps_swa_pool(device: str | None, backends: tuple) -> bool:
+    """Whether the hybrid sliding-window KV pool stays on for SGLang's `--device` and (prefill, decode) attention
+    backends. Off with `torch_native`, which reads sliding layers' keys through untranslated full-pool slots (it
+    crashed, and could read wrong keys silently). On a CPU, on only when both backends are `triton`: the one backend
+    that runs there with the pool (under Triton's interpreter, tested) and translates slots into the SWA sub-pool
+    (`update_sliding_window_buffer` in sglang/srt/layers/attention/triton_backend.py); the CPU default stays off."""
+    if "torch_native" in backends:
+        return False
+    return not serves_on_cpu(device) or all(b == "triton" for b in backends)
+
+
+def _attention_overrides(server_args: Any, hf_config: Any) -> dict:
+    """The attention backend where the user named none and SGLang's own default would be wrong (on ROCm: aiter, one
+    key short on sliding layers, `cognica_sglang.attention.WRONG_WINDOW_BACKENDS`; triton instead, as SGLang's own
+    gpt-oss override picks backends in sglang/srt/arg_groups/model_overrides/gpt_oss.py), and the hybrid SWA pool off
+    where `keeps_swa_pool` says so. SGLang's default elsewhere (fa3 on Hopper, flashinfer on Ampere, trtllm_mha on
+    Blackwell) is left alone: they count the window right."""
+    from sglang.srt.arg_groups.model_override_base import (
+        attention_backends_of,
+        is_attention_backend_not_set,
+        resolving_view,
+    )
+    from sglang.srt.runtime_context import get_platform
 
     cfg = resolving_view(server_args)
-    if serves_on_cpu(cfg.device) or "torch_native" in attention_backends_of(cfg):
-        return {"disable_hybrid_swa_memory": True}
-    return {}
+    out: dict = {}
+    backends = attention_backends_of(cfg)
+    if is_attention_backend_not_set(cfg) and get_platform().is_hip:
+        out["attention_backend"] = "triton"
+        backends = ("triton", "triton")
+    if not keeps_swa_pool(cfg.device, backends):
+        out["disable_hybrid_swa_memory"] = True
+    return out
 
 
 def _check_stage_options(server_args: Any, hf_config: Any) -> dict:
-    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`), and refuse a quantized
+    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`), and refuse an attention
+    backend that gets the sliding windows wrong (`cognica_sglang.attention.check_attention_backends`), a quantized
     checkpoint on a CPU (`cognica_sglang.quant.check_quantization`), LoRA where SGLang cannot run it
     (`cognica_sglang.lora.check_lora_server_args`) and the Log-OP head in embedding mode, in the first process:
     SGLang calls model overrides on the config with those args applied (`handle_model_specific_adjustments` in
     sglang/srt/arg_groups/model_hook.py), before any scheduler starts; a refusal raised later, in the scheduler, only
     kills the engine (SIGQUIT)."""
-    from sglang.srt.arg_groups.model_override_base import resolving_view
+    from sglang.srt.arg_groups.model_override_base import attention_backends_of, resolving_view
 
     from cognica.hf import cognica_config
+    from cognica_sglang.attention import check_attention_backends
     from cognica_sglang.quant import check_quantization
 
     cfg = cognica_config(hf_config)  # ConfigError, e.g. a stage exit on a poe_mode="none" (BP) checkpoint without force
     view = resolving_view(server_args)
+    check_attention_backends(attention_backends_of(view))  # a backend that gets the sliding windows wrong
     check_quantization(None, hf_config, view.device)  # SGLang's quantized layers are CUDA-only
     if getattr(view, "enable_lora", False) or getattr(view, "lora_paths", None):
         from cognica_sglang.lora import check_lora_server_args
@@ -108,7 +138,7 @@ def register() -> None:
     for cls in EntryClass:
         ModelRegistry.models.setdefault(cls.__name__, cls)
         if cls.__name__ not in _registered:
-            for fn in (_hybrid_swa_override, _check_stage_options):
+            for fn in (_attention_overrides, _check_stage_options):
                 register_model_override(cls.__name__)(fn)
             _registered.add(cls.__name__)
     from cognica_sglang.lora import LORA_HOOKS

@@ -72,6 +72,50 @@ def _kv_in_model_dtype(attn: RadixAttention, dtype: torch.dtype) -> bool:
     return False
 
 
+# SGLang 0.5.23 decode backends that read `get_attention_sliding_window_size()` keys COUNTING THE QUERY: the triton
+# backend's decode gathers min(seq_lens, size) keys (`update_sliding_window_buffer` in
+# sglang/srt/layers/attention/triton_backend.py, eager and CUDA-graph decode alike), and `seq_lens` already counts the
+# token being decoded, while its extend kernel keeps the layer's `sliding_window_size` keys before the query
+# (`q <= k + W` in sglang/kernels/ops/attention/extend_attention.py). Given W, decode would see W - 1 keys before the
+# query from position W on: wrong tokens (tests/test_sglang_gpu_path.py). Given W + 1, decode sees the W it needs, and
+# the extend kernel's mask (relative to the window buffer's start) drops the one extra prefix key it then gathers.
+# flashinfer (`clamp(seq_lens, max=size + 1)`) and fa3 (`window_size=(layer.sliding_window_size, 0)`) count right.
+DECODE_WINDOW_COUNTS_QUERY = frozenset({"triton"})
+
+
+# SGLang 0.5.23 backends that would give wrong tokens on the sliding layers, whatever the model reports (read, not
+# run: no GPU here): refused at start by `check_attention_backends`.
+WRONG_WINDOW_BACKENDS = {
+    "aiter": "its unified attention keeps the layer's window counting the query (`window_size=(sliding_window_size - 1,"
+             " 0)` in AiterAttnBackend), one key short in decode and extend",
+    "flex_attention": "it applies no sliding window (TorchFlexAttnBackend masks causally only) and cannot write the "
+                      "SWA pool",
+    "wave": "it applies no sliding window (WaveAttnBackend) and cannot write the SWA pool",
+}
+
+
+def check_attention_backends(backends: tuple) -> None:
+    """Refuse, with one line, an attention backend that computes the S layers' windows wrongly (WRONG_WINDOW_BACKENDS),
+    naming the ones that are right."""
+    for backend in dict.fromkeys(b for b in backends if b in WRONG_WINDOW_BACKENDS):
+        raise ValueError(f"cognica: SGLang's {backend!r} attention backend would give wrong tokens on this model's "
+                         f"sliding-window layers: {WRONG_WINDOW_BACKENDS[backend]}; use --attention-backend triton "
+                         "(NVIDIA and AMD; exact, tested), fa3 or flashinfer (NVIDIA)")
+
+
+def engine_window_size(keys_before_query: int, decode_backend: str | None = None) -> int:
+    """What the model reports as `get_attention_sliding_window_size()` for a window of `keys_before_query` keys before
+    the query: one more where SGLang's decode backend counts the query among them (DECODE_WINDOW_COUNTS_QUERY). The
+    extra key only makes SGLang keep one more sliding-window slot per request; the layers' own window (their
+    `RadixAttention.sliding_window_size`) stays `keys_before_query`. `decode_backend`: the resolved decode attention
+    backend (default: this process's, `sglang.srt.runtime_context.attention_backends`)."""
+    if decode_backend is None:
+        from sglang.srt.runtime_context import attention_backends
+
+        decode_backend = attention_backends()[1]
+    return keys_before_query + 1 if decode_backend in DECODE_WINDOW_COUNTS_QUERY else keys_before_query
+
+
 def _window(attn: RadixAttention) -> int | None:
     size = attn.sliding_window_size
     return size if size is not None and size >= 0 else None

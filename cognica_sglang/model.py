@@ -31,7 +31,7 @@ from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
-from sglang.srt.runtime_context import get_parallel, get_server_args
+from sglang.srt.runtime_context import attention_backends, get_parallel, get_server_args
 from sglang.srt.utils import add_prefix, is_cuda, make_layers
 from torch import nn
 
@@ -42,7 +42,9 @@ from cognica.serving import check_before_build
 from cognica.weights import engine_weights, load_parameters
 from cognica_kernels import use_triton
 from cognica_sglang.attention import (
+    check_attention_backends,
     cpu_decode_attention,
+    engine_window_size,
     triton_extend_attention,
     use_cpu_decode_attention,
     use_triton_attention,
@@ -219,6 +221,7 @@ class CognicaPoEForCausalLM(CognicaLoRAMixin, nn.Module):
             raise ValueError("cognica: smear reads the previous token from the KV slots this model's forwards "
                              f"wrote; these settings fill KV slots another way and are not supported: "
                              f"{'; '.join(refused)}")
+        check_attention_backends(attention_backends())  # as resolved (the first process checked what the user named)
         context_len = getattr(args, "context_length", None) or cfg.sequence_len
         model_path = getattr(args, "model_path", None) or getattr(config, "_name_or_path", "")
         check_before_build(cfg, model_path, context_len, "--context-length")
@@ -251,7 +254,9 @@ class CognicaPoEForCausalLM(CognicaLoRAMixin, nn.Module):
         return self.logits_processor(input_ids, hidden_states, self.head, forward_batch)
 
     def get_attention_sliding_window_size(self) -> int:
-        return self.cfg.short_window  # keys before the query, the S layers' window (sizes the SWA pool)
+        # the S layers' window as SGLang's backends read it (sizes the SWA pool and its eviction): the keys before the
+        # query, one more where the decode backend counts the query among them (cognica_sglang.attention)
+        return engine_window_size(self.cfg.short_window)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # `cognica.weights` names say `layers` where this module says `eager_prefill_layers` (see CognicaModel)

@@ -67,7 +67,7 @@ def fp32(engines):
     return engines.get("fp32", dtype="float32")
 
 
-def test_plugin_turns_off_the_hybrid_swa_pool_only_on_cpu_or_torch_native(ckpt):
+def test_plugin_turns_off_the_hybrid_swa_pool_only_for_torch_native_or_a_cpu_default(ckpt):
     from sglang.srt.arg_groups.overrides import collect_model_override_declarations
     from sglang.srt.configs.model_config import is_hybrid_swa_model
     from transformers import AutoConfig
@@ -87,9 +87,56 @@ def test_plugin_turns_off_the_hybrid_swa_pool_only_on_cpu_or_torch_native(ckpt):
         decls = collect_model_override_declarations(arch, SimpleNamespace(**{**args, **fields}), hf_config)
         return {k: v for _, d in decls for k, v in d.items()}
 
-    assert declared(device="cpu") == {"disable_hybrid_swa_memory": True}, "CPU must not use the SWA pool"
-    assert declared(device="cuda", attention_backend="torch_native") == {"disable_hybrid_swa_memory": True}
+    off = {"disable_hybrid_swa_memory": True}
+    assert declared(device="cpu") == off, "the CPU default (torch_native) must not use the SWA pool"
+    assert declared(device="cpu", attention_backend="torch_native") == off
+    assert declared(device="cuda", attention_backend="torch_native") == off
+    assert declared(device="cuda", decode_attention_backend="torch_native", attention_backend="triton") == off
     assert declared(device="cuda", attention_backend="triton") == {}, "CUDA backends keep the SWA pool"
+    for backend in ("fa3", "flashinfer", "trtllm_mha"):
+        assert declared(device="cuda", attention_backend=backend) == {}, backend
+    assert declared(device="cpu", attention_backend="triton") == {}, (
+        "the triton backend translates slots into the SWA sub-pool: kept on a CPU too (Triton's interpreter)"
+    )
+
+
+def test_backends_that_get_the_windows_wrong_are_refused_or_not_chosen(ckpt, monkeypatch):
+    import sglang.srt.runtime_context as runtime_context
+    from sglang.srt.arg_groups.overrides import collect_model_override_declarations
+    from transformers import AutoConfig
+
+    import cognica_sglang
+
+    cognica_sglang.register()
+    hf_config = AutoConfig.from_pretrained(ckpt)
+
+    def declared(**fields):
+        args = dict(device="cuda", attention_backend=None, prefill_attention_backend=None,
+                    decode_attention_backend=None, _resolved_overrides=[])
+        decls = collect_model_override_declarations(hf_config.architectures[0], SimpleNamespace(**{**args, **fields}),
+                                                    hf_config)
+        return {k: v for _, d in decls for k, v in d.items()}
+
+    for backend in ("aiter", "flex_attention", "wave"):
+        with pytest.raises(ValueError, match=f"'{backend}' attention backend would give wrong tokens.*use "
+                                             "--attention-backend triton"):
+            declared(attention_backend=backend)
+    with pytest.raises(ValueError, match="'aiter'"):
+        declared(attention_backend="triton", decode_attention_backend="aiter")
+    assert declared() == {}, "NVIDIA: SGLang's own default (fa3, flashinfer, trtllm_mha) is kept"
+    monkeypatch.setattr(runtime_context, "get_platform", lambda: SimpleNamespace(is_hip=True))
+    assert declared() == {"attention_backend": "triton"}, "ROCm: triton instead of SGLang's default aiter"
+    assert declared(attention_backend="triton") == {}, "a backend the user named is never replaced"
+
+
+def test_window_reported_to_sglang_counts_the_query_only_for_the_triton_decode():
+    from cognica_sglang.attention import engine_window_size
+
+    assert engine_window_size(S_WINDOW, "triton") == S_WINDOW + 1, (
+        "SGLang's triton decode reads min(seq_lens, size) keys with the query counted: it needs W + 1"
+    )
+    for backend in ("fa3", "flashinfer", "torch_native", "trtllm_mha"):
+        assert engine_window_size(S_WINDOW, backend) == S_WINDOW, backend
 
 
 def test_modes_that_fill_kv_slots_without_a_forward_are_refused():
