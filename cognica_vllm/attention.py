@@ -13,10 +13,11 @@ Like vLLM's own attention op, this one is opaque to torch.compile and splits the
 ("vllm::cognica_paged_attention"), so it reads each step's metadata eagerly.
 
 Under FULL CUDA graphs the op is captured: the kernel variant it launches must then not depend on the capture run's
-metadata. vLLM warms each graph up with `max_seq_len` = the dummy query length (1 for decode) and captures with
-`max_seq_len = max_model_len` (`GPUModelRunner._build_attention_metadata` and `GPUModelRunner._dummy_run` in
-vllm/v1/worker/gpu_model_runner.py), so the op sizes the split-K factor from the static `max_model_len` instead: warm-up
-compiles the variant that capture records.
+metadata. vLLM 0.32's V1 runner warms each graph up with `max_seq_len` = the dummy query length (1 for decode) and
+captures with `max_seq_len = max_model_len` (`GPUModelRunner._build_attention_metadata` and
+`GPUModelRunner._dummy_run` in vllm/v1/worker/gpu_model_runner.py, a file 0.34 deleted), so the op sizes the split-K
+factor from the static `max_model_len` instead, which holds whatever the runner passes: warm-up compiles the variant
+that capture records. (Untested on a GPU, V1 and V2 alike.)
 """
 
 from __future__ import annotations

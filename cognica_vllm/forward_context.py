@@ -51,10 +51,11 @@ def layer_cache(ctx, layer_name: str, meta) -> tuple[nn.Module, torch.Tensor, to
 
 
 def cache_block_size(kv_cache: torch.Tensor, num_kv_heads: int, head_size: int) -> tuple[int, int]:
-    """(KV slots, tokens per block) of a bound cache `[num_blocks, num_kv_heads, block_size, 2 * head_size]` (the CPU
-    and FLASH_ATTN layout: `CPUAttentionBackendImpl.forward` in vllm/v1/attention/backends/cpu_attn.py,
-    `FlashAttentionImpl.do_kv_cache_update` in vllm/v1/attention/backends/flash_attn.py). The block tables index the
-    cache's own (kernel) blocks, which can be smaller than `cache_config.block_size` when vLLM splits a manager block
-    into kernel blocks."""
+    """(KV slots, tokens per block) of a bound cache `[num_blocks, num_kv_heads, block_size, 2 * head_size]` (the CPU,
+    FLASH_ATTN and, in vLLM 0.34, TRITON_ATTN layout: `CPUAttentionBackendImpl.forward` in
+    vllm/v1/attention/backends/cpu_attn.py, `FlashAttentionImpl.do_kv_cache_update` in
+    vllm/v1/attention/backends/flash_attn.py, `TritonAttentionImpl._ensure_scale_caches` in triton_attn.py). The
+    block tables index the cache's own (kernel) blocks, which can be smaller than `cache_config.block_size` when vLLM
+    splits a manager block into kernel blocks."""
     num_slots = kv_cache.numel() // (2 * num_kv_heads * head_size)
     return num_slots, num_slots // kv_cache.shape[0]

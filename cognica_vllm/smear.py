@@ -76,8 +76,9 @@ def record_and_read(out: torch.Tensor, input_ids: torch.Tensor, positions: torch
     i's sequence (-1 at position 0 and for padding). No host sync, no data-dependent shapes: graph-capturable.
 
     Padding (CUDA graphs): tokens from `query_start_loc[-1]` on are padding (vLLM fills the padded tail of
-    `query_start_loc` with the last real offset: `GPUModelRunner._prepare_inputs` in vllm/v1/worker/gpu_model_runner.py,
-    `GPUModelRunner.prepare_inputs` in vllm/v1/worker/gpu/model_runner.py) and have slot -1
+    `query_start_loc` with the last real offset: V1's `GPUModelRunner._prepare_inputs` in 0.32's
+    vllm/v1/worker/gpu_model_runner.py, V2's `GPUModelRunner.prepare_inputs` in vllm/v1/worker/gpu/model_runner.py)
+    and have slot -1
     (`GPUModelRunner._get_slot_mappings`); `num_tokens` may count them (FULL graphs pass the padded count,
     `GPUModelRunner._build_attention_metadata`). Their request index would be one past the block table, so it is
     clamped, and they neither write nor read.
