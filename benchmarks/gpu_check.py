@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 import types
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import relu2_linear  # noqa: E402
 from gpu_timing import Timer, copy_rate_gbps, device_info, gemm_rate_tflops, paged_inputs  # noqa: E402
 
-from cognica_kernels import attention, relu2  # noqa: E402
+from cognica_kernels import attention, relu2, token_pool  # noqa: E402
 
 # The model's attention and MLP shapes (shared/spec/model.md); the dry run shrinks them for the interpreter.
 GPU_PROFILE = {
@@ -170,7 +171,7 @@ def _attention_work(batch: int, first: int, q_len: int, window_left: int | None,
     return int(kv + qo), int(4 * heads * dim * visible * batch)
 
 
-def attention_cases(profile: dict, timer: Timer, rates: dict[str, float]) -> list[KernelCase]:
+def attention_cases(profile: dict, timer: Timer, rates: dict[str, float], writer: RowWriter) -> list[KernelCase]:
     device, out = timer.device, []
     scale = profile["head_dim"] ** -0.5
     shapes = [("decode", b, ctx, 1, ctx) for b in profile["decode_batches"] for ctx in profile["decode_ctxs"]]
@@ -188,6 +189,7 @@ def attention_cases(profile: dict, timer: Timer, rates: dict[str, float]) -> lis
             except Exception as e:  # one failing case must not hide the others' numbers
                 case.error = f"{type(e).__name__}: {e}"
                 print(f"    FAILED: {case.error}", flush=True)
+            writer.add(asdict(case))
     return out
 
 
@@ -236,7 +238,7 @@ def _attention_case(
     _finish(case, rates, ok)
 
 
-def gemm_cases(profile: dict, timer: Timer, rates: dict[str, float]) -> list[KernelCase]:
+def gemm_cases(profile: dict, timer: Timer, rates: dict[str, float], writer: RowWriter) -> list[KernelCase]:
     device, out = timer.device, []
     k, n = profile["gemm_kn"]
     g = torch.Generator(device=device).manual_seed(7)
@@ -250,6 +252,7 @@ def gemm_cases(profile: dict, timer: Timer, rates: dict[str, float]) -> list[Ker
         except Exception as e:
             case.error = f"{type(e).__name__}: {e}"
             print(f"    FAILED: {case.error}", flush=True)
+        writer.add(asdict(case))
     return out
 
 
@@ -287,12 +290,10 @@ def run_kernels(out_path: Path, dry_run: bool) -> int:
         "gemm_tflops": gemm_rate_tflops(timer, profile["gemm_rate_n"], DTYPE),
     }
     print(f"  measured: copy {rates['copy_gbps']:.0f} GB/s, bf16 GEMM {rates['gemm_tflops']:.1f} TFLOP/s", flush=True)
-    cases = attention_cases(profile, timer, rates) + gemm_cases(profile, timer, rates)
-    result = {
-        "device": device_info(device), "dry_run": dry_run, "rates": rates, "seconds": round(time.time() - t0, 1),
-        "kernels": [asdict(c) for c in cases],
-    }  # fmt: skip
-    out_path.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    writer = RowWriter(out_path, {"device": device_info(device), "dry_run": dry_run, "rates": rates}, key="kernels")
+    cases = attention_cases(profile, timer, rates, writer) + gemm_cases(profile, timer, rates, writer)
+    writer.header["seconds"] = round(time.time() - t0, 1)
+    writer.write(complete=True)
     failed = [c.name for c in cases if not c.ok]
     print(f"  {len(cases) - len(failed)}/{len(cases)} kernel cases ok" + (f"; FAILED: {failed}" if failed else ""))
     return 1 if failed else 0
@@ -312,26 +313,38 @@ def _fmt(v: float | None, spec: str) -> str:
     return format(v, spec)
 
 
-# --- side-by-side (issue 19 item 5): ours beside the peers a plugin could run instead, identical inputs ---------
+# --- side-by-side (issue 19 item 5, issue 29): ours beside the peers a plugin could run instead, identical inputs ---
+# decode b x 1 query; prefill n x T tokens (vLLM's layout, and SGLang's token pool: page size 1, req_to_token rows
+# of 2052 slots); mixed: b decode rows and one chunk in one launch, as vLLM batches them. relu^2 alone on [M, 6144].
 COMPARE_GPU = {"heads": 12, "head_dim": 128, "window_left": 512, "page": 16, "ctx": 2048, "batches": (1, 32, 256),
-               "prefill": (4, 2048), "mlp_kn": (1536, 6144), "mlp_ms": (1, 32, 256, 8192), "launches": 20,
-               "replays": 5, "rotate_bytes": 96 << 20}  # fmt: skip
-COMPARE_DRY = {"heads": 2, "head_dim": 64, "window_left": 32, "page": 16, "ctx": 64, "batches": (1, 32),
-               "prefill": (2, 64), "mlp_kn": (64, 256), "mlp_ms": (1, 32), "launches": 2, "replays": 1,
-               "rotate_bytes": 1 << 16}  # fmt: skip
+               "prefill": (4, 2048), "mixed": (32, 512), "sglang_ctx_cols": 2052, "relu2_n": 6144,
+               "relu2_ms": {"decode": (1, 32, 256), "prefill": (8192,)}, "launches": 20, "replays": 7,
+               "rotate_bytes": 128 << 20, "max_copies": 64, "max_input_bytes": 8 << 30}  # fmt: skip
+COMPARE_DRY = {"heads": 2, "head_dim": 64, "window_left": 32, "page": 16, "ctx": 64, "batches": (1, 4),
+               "prefill": (2, 64), "mixed": (3, 16), "sglang_ctx_cols": 68, "relu2_n": 256,
+               "relu2_ms": {"decode": (1,), "prefill": (32,)}, "launches": 1, "replays": 5,
+               "rotate_bytes": 1 << 16, "max_copies": 2, "max_input_bytes": 1 << 30}  # fmt: skip
+MIN_REPEATS = 5  # graph replays behind every median the verdict reads
 
 
-def launch_us(fns: list[Callable[[], object]], launches: int, replays: int, cuda: bool) -> tuple[float, str]:
-    """(µs per launch, method). CUDA: one graph of `launches` back-to-back calls rotated over `fns` (input copies
-    whose total exceeds L2), replayed `replays` times; median replay / launches, so host overhead is out.
-    CPU (dry run): plain perf_counter of the same calls; the time means nothing."""
+def launch_us(fns: list[Callable[[], object]], launches: int, replays: int, cuda: bool,
+              timed: bool = True) -> tuple[float | None, str, list[float]]:  # fmt: skip
+    """(median µs per launch, method, every replay's µs per launch). CUDA: one graph of `launches` back-to-back calls
+    rotated over `fns` (input copies whose reads together exceed L2), replayed `replays` times, so host overhead is
+    out. CPU (dry run): `launches` plain calls per repeat, perf_counter; the times mean nothing. `timed=False`
+    (the warm step) only runs each function once: compiles, autotuning, allocator pools."""
     for fn in fns:  # warm-up: compiles, autotunes, allocator pools
         fn()
+    if not timed:
+        return None, "warm-up only", []
+    times = []
     if not cuda:
-        t0 = time.perf_counter()
-        for i in range(launches):
-            fns[i % len(fns)]()
-        return (time.perf_counter() - t0) * 1e6 / launches, "plain (CPU)"
+        for _ in range(replays):
+            t0 = time.perf_counter()
+            for i in range(launches):
+                fns[i % len(fns)]()
+            times.append((time.perf_counter() - t0) * 1e6 / launches)
+        return statistics.median(times), "plain (CPU)", times
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -346,16 +359,23 @@ def launch_us(fns: list[Callable[[], object]], launches: int, replays: int, cuda
             fns[i % len(fns)]()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    return times[len(times) // 2] / launches, "cuda-graph replay"
+        times.append(start.elapsed_time(end) * 1e3 / launches)
+    return statistics.median(times), "cuda-graph replay", times
+
+
+def rotation_copies(bytes_read: int, p: dict, bytes_allocated: int) -> int:
+    """Input copies a row rotates over: enough that the bytes its launches read between two uses of one copy exceed
+    `rotate_bytes` (more than L2), sized by what one launch READS (an S layer's window, not the whole cache), at
+    most `max_copies` and `max_input_bytes` of allocations."""
+    want = -(-p["rotate_bytes"] // max(1, bytes_read))
+    by_memory = max(1, p["max_input_bytes"] // max(1, bytes_allocated))
+    return max(1, min(want, p["max_copies"], by_memory))
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -393,60 +413,122 @@ def _flex_peer(q_len: int, kv_len: int, window: int | None, device: torch.device
     return lambda q, k, v, scale: fn(q, k, v, block_mask=block_mask, scale=scale)
 
 
-def attention_compare(p: dict, device: torch.device, cuda: bool) -> list[dict]:
-    """Decode (batch x 1 query at ctx keys) and prefill (n x T tokens), S (window_left) and L (full) layers."""
-    rows, scale, hd, h = [], p["head_dim"] ** -0.5, p["head_dim"], p["heads"]
-    peers = ("cudnn", "flash") if cuda else ("math",)
-    try:
-        import vllm  # noqa: F401
-
-        vllm_note = "installed, not wired into this check"
-    except Exception:
-        vllm_note = "not installed"
-    shapes = [("decode", b, 1) for b in p["batches"]] + [("prefill", p["prefill"][0], p["prefill"][1])]
-    for kind, batch, q_len in shapes:
-        ctx = p["ctx"]
-        for layer, window in (("S", p["window_left"]), ("L", None)):
-            case = f"attn {kind} {layer} b={batch} q={q_len} ctx={ctx}"
-            print(f"  {case}", flush=True)
-            row: dict = {"op": "attention", "kind": kind, "size": batch, "case": case, "ours_us": None,
-                         "ours_ok": False, "method": None, "peers": {}, "error": None}  # fmt: skip
-            rows.append(row)
-            try:
-                _attention_row(row, kind, batch, q_len, ctx, window, scale, hd, h, p, device, cuda, peers)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"
-                print(f"    FAILED: {row['error']}", flush=True)
-            row["peers"]["vllm_triton"] = {"us": None, "ok": False, "note": vllm_note}
-    return rows
-
-
 def _close(got: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
     diff = (got.float() - ref.float()).abs()
     atol, rtol = ATTN_TOL
     return bool((diff <= atol * ref.float().abs().max() + rtol * ref.float().abs()).all()), float(diff.max())
 
 
-def _attention_row(row: dict, kind: str, batch: int, q_len: int, ctx: int, window: int | None, scale: float,
-                   hd: int, h: int, p: dict, device: torch.device, cuda: bool, peers: tuple) -> None:  # fmt: skip
-    kv_bytes = batch * ctx * h * hd * 2 * 2
-    copies = max(1, min(8, -(-p["rotate_bytes"] // kv_bytes)))
-    inputs = []
-    for c in range(copies):  # vLLM's KV layout, physical blocks shuffled
-        inputs.append(paged_inputs(batch, ctx, q_len, h, hd, p["page"], device, seed=2000 + c, dtype=DTYPE,
-                                   vllm_layout=True))  # fmt: skip
-    # ours, as the vLLM plugin calls it (max_seq_len = max_model_len)
-    ours = [lambda a=a: attention.paged_attention_triton(*a, scale, window, max_query_len=q_len, max_seq_len=ctx)
-            for a in inputs]  # fmt: skip
-    refs = [attention.paged_attention_reference(*a, scale, window) for a in inputs[:1]]
-    row["ours_ok"], row["ours_err"] = _close(ours[0](), refs[0])
-    row["ours_us"], row["method"] = launch_us(ours, p["launches"], p["replays"], cuda)
-    # peers: contiguous gathers of the same in-window keys (not timed), [batch, heads, len, hd]
-    first = 0 if window is None or kind == "prefill" else max(0, ctx - 1 - window)
-    gathered = []
-    for q, kc, vc, bt, _, _ in inputs:
+class RowWriter:
+    """A step's JSON (its rows under `key`), rewritten after every row, so a step that runs out of time keeps the
+    rows it finished (`complete` stays false until the last one)."""
+
+    def __init__(self, path: Path, header: dict, key: str = "compare"):
+        self.path, self.header, self.key, self.rows = path, header, key, []
+        self.write(complete=False)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.write(complete=False)
+
+    def write(self, complete: bool) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.header, self.key: self.rows, "complete": complete}, indent=1,
+                                  default=_json_default) + "\n")  # fmt: skip
+        tmp.replace(self.path)
+
+
+def _new_row(op: str, kind: str, phase: str, size: int, case: str) -> dict:
+    return {"op": op, "kind": kind, "phase": phase, "size": size, "case": case, "ours_us": None, "ours_times": [],
+            "ours_ok": False, "method": None, "peers": {}, "error": None}  # fmt: skip
+
+
+def _peer_times(row: dict, name: str, ok_err: tuple[bool, float], fns: list[Callable], p: dict, cuda: bool,
+                timed: bool) -> None:  # fmt: skip
+    peer: dict = {"us": None, "times": [], "ok": ok_err[0], "err": ok_err[1]}
+    row["peers"][name] = peer
+    peer["us"], _, peer["times"] = launch_us(fns, p["launches"], p["replays"], cuda, timed)
+
+
+def attention_shapes(p: dict) -> list[tuple[str, str, int, int, str]]:
+    """(kind, phase, batch, query length, layout) of every attention row."""
+    shapes = [("decode", "decode", b, 1, "vllm") for b in p["batches"]]
+    shapes += [("prefill", "prefill", p["prefill"][0], p["prefill"][1], layout) for layout in ("vllm", "sglang")]
+    shapes.append(("mixed", "prefill", p["mixed"][0], p["mixed"][1], "vllm"))
+    return shapes
+
+
+def attention_compare(p: dict, device: torch.device, cuda: bool, writer: RowWriter, timed: bool = True) -> None:
+    scale = p["head_dim"] ** -0.5
+    peers = ("cudnn", "flash") if cuda else ("math",)
+    for kind, phase, batch, q_len, layout in attention_shapes(p):
+        for layer, window in (("S", p["window_left"]), ("L", None)):
+            case = f"attn {kind} {layer} b={batch} q={q_len} ctx={p['ctx']}" + (" sglang-page1" if layout == "sglang"
+                                                                                 else "")  # fmt: skip
+            print(f"  {case}", flush=True)
+            row = _new_row("attention", kind, phase, batch, case)
+            try:
+                if kind == "mixed":
+                    _mixed_row(row, batch, q_len, window, scale, p, device, cuda, peers, timed)
+                else:
+                    _attention_row(row, kind, batch, q_len, window, scale, layout, p, device, cuda, peers, timed)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                print(f"    FAILED: {row['error']}", flush=True)
+            print(f"    ours {_fmt(row['ours_us'], '8.1f')} us ok={row['ours_ok']}; "
+                  + " ".join(f"{n} {_fmt(v['us'], '8.1f')}" for n, v in row["peers"].items()), flush=True)
+            writer.add(row)
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def _sglang_inputs(batch: int, ctx: int, q_len: int, h: int, hd: int, cols: int, device: torch.device, seed: int):
+    """SGLang's token pool: k/v pools [slots, h, hd], req_to_token [batch + 1, cols] int32 (row 0 unused, as SGLang
+    reserves it; shuffled slots), req_pool_indices, seq_lens, query lens."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    slots = batch * ctx + 1
+    k_pool = torch.randn(slots, h, hd, device=device, dtype=DTYPE, generator=g)
+    v_pool = torch.randn(slots, h, hd, device=device, dtype=DTYPE, generator=g)
+    req_to_token = torch.zeros(batch + 1, cols, dtype=torch.int32, device=device)
+    perm = torch.randperm(batch * ctx, generator=torch.Generator().manual_seed(seed)) + 1
+    req_to_token[1:, :ctx] = perm.view(batch, ctx).to(device=device, dtype=torch.int32)
+    q = torch.randn(batch * q_len, h, hd, device=device, dtype=DTYPE, generator=g)
+    idx = torch.arange(1, batch + 1, device=device)
+    seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+    qsl = torch.arange(0, batch * q_len + 1, q_len, device=device, dtype=torch.int32)
+    return q, k_pool, v_pool, req_to_token, idx, seq_lens, qsl
+
+
+def _attention_row(row: dict, kind: str, batch: int, q_len: int, window: int | None, scale: float, layout: str,
+                   p: dict, device: torch.device, cuda: bool, peers: tuple, timed: bool) -> None:  # fmt: skip
+    ctx, h, hd = p["ctx"], p["heads"], p["head_dim"]
+    first = 0 if window is None or kind == "prefill" else max(0, ctx - 1 - window)  # first key a decode step reads
+    row["bytes_read"] = _attention_work(batch, ctx - q_len, q_len, window, {"heads": h, "head_dim": hd})[0]
+    copies = rotation_copies(row["bytes_read"], p, batch * ctx * h * hd * 2 * DTYPE.itemsize)
+    row["copies"] = copies
+    calls, refs_in, gathered = [], [], []
+    for c in range(copies):
+        if layout == "sglang":  # as cognica_sglang runs it: block table = this batch's req_to_token rows (copied)
+            q, k_pool, v_pool, r2t, idx, sl, qsl = _sglang_inputs(batch, ctx, q_len, h, hd, p["sglang_ctx_cols"],
+                                                                  device, 2000 + c)  # fmt: skip
+            kc, vc = k_pool.unsqueeze(1), v_pool.unsqueeze(1)
+            calls.append(lambda q=q, kc=kc, vc=vc, r2t=r2t, idx=idx, sl=sl, qsl=qsl: attention.paged_attention_triton(
+                q, kc, vc, token_pool.block_table_from_req_to_token(r2t, idx), sl, qsl, scale, window,
+                max_query_len=q_len, max_seq_len=ctx))  # fmt: skip
+            bt = token_pool.block_table_from_req_to_token(r2t, idx)
+        else:  # vLLM's KV layout, physical blocks shuffled; max_seq_len = max_model_len as the plugin passes it
+            q, kc, vc, bt, sl, qsl = paged_inputs(batch, ctx, q_len, h, hd, p["page"], device, seed=2000 + c,
+                                                  dtype=DTYPE, vllm_layout=True)  # fmt: skip
+            calls.append(lambda a=(q, kc, vc, bt, sl, qsl): attention.paged_attention_triton(
+                *a, scale, window, max_query_len=q_len, max_seq_len=ctx))  # fmt: skip
+        if c == 0:
+            refs_in = [q, kc, vc, bt, sl, qsl]
+        # peers: contiguous gathers of the same in-window keys (not timed), [batch, heads, len, hd]
         k, v = _gather(kc, bt, ctx)[:, :, first:], _gather(vc, bt, ctx)[:, :, first:]
         gathered.append((q.view(batch, q_len, h, hd).transpose(1, 2).contiguous(), k.contiguous(), v.contiguous()))
+    ref = attention.paged_attention_reference(*refs_in, scale, window)
+    row["ours_ok"], row["ours_err"] = _close(calls[0](), ref)
+    row["ours_us"], row["method"], row["ours_times"] = launch_us(calls, p["launches"], p["replays"], cuda, timed)
     causal = kind == "prefill"
 
     def to_tokens(o: torch.Tensor) -> torch.Tensor:
@@ -458,121 +540,199 @@ def _attention_row(row: dict, kind: str, batch: int, q_len: int, ctx: int, windo
             sdpa = _sdpa_peer(name)
             candidates[f"sdpa_{name}"] = lambda g, s=sdpa: s(g[0], g[1], g[2], causal, scale)
     flex_window = window if kind == "prefill" else None  # decode gathers only in-window keys already
-    for compiled in (True,) if cuda else (False,):
-        kv_len = gathered[0][1].shape[2]
-        flex = _flex_peer(q_len, kv_len, flex_window, device, compiled)
-        candidates["flex_compiled" if compiled else "flex_eager"] = lambda g, f=flex: f(g[0], g[1], g[2], scale)
+    kv_len = gathered[0][1].shape[2]
+    flex = _flex_peer(q_len, kv_len, flex_window, device, cuda)
+    candidates["flex_compiled" if cuda else "flex_eager"] = lambda g, f=flex: f(g[0], g[1], g[2], scale)
     for name, fn in candidates.items():
-        peer: dict = {"us": None, "ok": False}
-        row["peers"][name] = peer
         try:
-            peer["ok"], peer["err"] = _close(to_tokens(fn(gathered[0])), refs[0])
-            peer["us"], _ = launch_us([lambda g=g, fn=fn: fn(g) for g in gathered], p["launches"], p["replays"], cuda)
+            ok_err = _close(to_tokens(fn(gathered[0])), ref)
+            _peer_times(row, name, ok_err, [lambda g=g, fn=fn: fn(g) for g in gathered], p, cuda, timed)
         except Exception as e:
-            peer["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        print(f"    {name}: {peer}", flush=True)
+            row["peers"][name] = {"us": None, "times": [], "ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
     row["note"] = "peers time attention on a contiguous gather of the in-window keys; the gather is not timed"
 
 
-def relu2_compare(p: dict, device: torch.device, cuda: bool) -> list[dict]:
-    """The MLP as the plugins run it: F.linear c_fc, relu^2, F.linear c_proj (bf16), relu^2 by each path."""
-    k, n = p["mlp_kn"]
-    rows = []
-    paths: dict[str, Callable] = {"ours": relu2.relu2_triton, "eager": lambda x: torch.relu(x).square()}
+def _mixed_row(row: dict, n_decode: int, chunk: int, window: int | None, scale: float, p: dict,
+               device: torch.device, cuda: bool, peers: tuple, timed: bool) -> None:  # fmt: skip
+    """`n_decode` sequences at one query each and one chunk of `chunk` queries ending at ctx, one launch of ours (the
+    prefill tile, as vLLM batches a mixed step); a peer runs the two parts as two launches on gathered keys: its
+    decode peer for the decode rows (sdpa_*, or flex) and flex for the chunk (SDPA's causal mask is top-left aligned,
+    wrong for a chunk after a prefix)."""
+    ctx, h, hd = p["ctx"], p["heads"], p["head_dim"]
+    batch = n_decode + 1
+    dec_bytes = _attention_work(n_decode, ctx - 1, 1, window, {"heads": h, "head_dim": hd})[0]
+    row["bytes_read"] = dec_bytes + _attention_work(1, ctx - chunk, chunk, window, {"heads": h, "head_dim": hd})[0]
+    copies = rotation_copies(row["bytes_read"], p, batch * ctx * h * hd * 2 * DTYPE.itemsize)
+    row["copies"] = copies
+    qlens = torch.tensor([1] * n_decode + [chunk], dtype=torch.int32)
+    qsl = torch.nn.functional.pad(qlens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    calls, gathered, refs_in = [], [], []
+    first_dec = 0 if window is None else max(0, ctx - 1 - window)
+    first_chunk = 0 if window is None else max(0, ctx - chunk - window)
+    for c in range(copies):
+        _, kc, vc, bt, sl, _ = paged_inputs(batch, ctx, 1, h, hd, p["page"], device, seed=3000 + c, dtype=DTYPE,
+                                            vllm_layout=True)  # fmt: skip
+        q = torch.randn(n_decode + chunk, h, hd, device=device, dtype=DTYPE)
+        args = (q, kc, vc, bt, sl, qsl)
+        calls.append(lambda a=args: attention.paged_attention_triton(*a, scale, window, max_query_len=chunk,
+                                                                     max_seq_len=ctx))  # fmt: skip
+        if c == 0:
+            refs_in = list(args)
+        k, v = _gather(kc, bt, ctx), _gather(vc, bt, ctx)
+        qd = q[:n_decode].view(n_decode, 1, h, hd).transpose(1, 2).contiguous()
+        qc = q[n_decode:].view(1, chunk, h, hd).transpose(1, 2).contiguous()
+        gathered.append((qd, k[:n_decode, :, first_dec:].contiguous(), v[:n_decode, :, first_dec:].contiguous(),
+                         qc, k[n_decode:, :, first_chunk:].contiguous(), v[n_decode:, :, first_chunk:].contiguous()))
+    ref = attention.paged_attention_reference(*refs_in, scale, window)
+    row["ours_ok"], row["ours_err"] = _close(calls[0](), ref)
+    row["ours_us"], row["method"], row["ours_times"] = launch_us(calls, p["launches"], p["replays"], cuda, timed)
+    chunk_flex = _flex_peer(chunk, gathered[0][4].shape[2], window, device, cuda)
+    dec_flex = _flex_peer(1, gathered[0][1].shape[2], None, device, cuda)
+    sdpas = {n: _sdpa_peer(n) for n in peers}
+    decoders: dict[str, Callable] = {f"sdpa_{n}": (lambda q, k, v, s=s: s(q, k, v, False, scale))
+                                     for n, s in sdpas.items()}  # fmt: skip
+    decoders["flex"] = lambda q, k, v: dec_flex(q, k, v, scale)
+
+    def to_tokens(od: torch.Tensor, oc: torch.Tensor) -> torch.Tensor:
+        return torch.cat([od.transpose(1, 2).reshape(n_decode, h, hd), oc.transpose(1, 2).reshape(chunk, h, hd)])
+
+    for name, dec in decoders.items():
+        def both(g: tuple, dec: Callable = dec) -> tuple[torch.Tensor, torch.Tensor]:
+            return dec(g[0], g[1], g[2]), chunk_flex(g[3], g[4], g[5], scale)
+
+        peer_name = f"{name}+flex" if name != "flex" else ("flex_compiled" if cuda else "flex_eager")
+        try:
+            ok_err = _close(to_tokens(*both(gathered[0])), ref)
+            _peer_times(row, peer_name, ok_err, [lambda g=g, f=both: f(g) for g in gathered], p, cuda, timed)
+        except Exception as e:
+            row["peers"][peer_name] = {"us": None, "times": [], "ok": False,
+                                       "error": f"{type(e).__name__}: {str(e)[:200]}"}  # fmt: skip
+    row["note"] = "ours: one launch for the whole mixed batch; peers: two launches on gathered keys (not timed)"
+
+
+def relu2_compare(p: dict, device: torch.device, cuda: bool, writer: RowWriter, timed: bool = True) -> None:
+    """relu^2 alone on the MLP's [M, 6144] pre-activation: ours against torch eager and (CUDA) torch.compile of
+    `relu(x).square()`, the op Inductor fuses inside the engines' graphs."""
+    n = p["relu2_n"]
+    paths: dict[str, Callable] = {"eager": lambda x: torch.relu(x).square()}
     if cuda:
         paths["compiled"] = torch.compile(lambda x: torch.relu(x).square())
-    for m in p["mlp_ms"]:
-        case = f"mlp M={m} K={k} N={n}"
-        print(f"  {case}", flush=True)
-        row: dict = {"op": "relu2", "kind": "relu2", "size": m, "case": case, "ours_us": None, "ours_ok": False,
-                     "method": None, "peers": {}, "error": None}  # fmt: skip
-        rows.append(row)
-        try:
-            w_fc = torch.randn(n, k, device=device, dtype=DTYPE) * k**-0.5
-            w_proj = torch.randn(k, n, device=device, dtype=DTYPE) * n**-0.5
-            per = m * (k + n) * 2
-            xs = [torch.randn(m, k, device=device, dtype=DTYPE) for _ in range(max(1, min(8, -(-p["rotate_bytes"]
-                                                                                              // per))))]  # fmt: skip
-            ref = torch.nn.functional.linear(relu2.relu2_reference(torch.nn.functional.linear(xs[0], w_fc)), w_proj)
-            for name, act in paths.items():
-                def mlp(x: torch.Tensor, act: Callable = act, w_fc: torch.Tensor = w_fc,
-                        w_proj: torch.Tensor = w_proj) -> torch.Tensor:  # fmt: skip
-                    return torch.nn.functional.linear(act(torch.nn.functional.linear(x, w_fc)), w_proj)
-
-                ok = bool(torch.allclose(mlp(xs[0]).float(), ref.float(), atol=GEMM_TOL[0], rtol=GEMM_TOL[1]))
-                us, method = launch_us([lambda x=x, f=mlp: f(x) for x in xs], p["launches"], p["replays"], cuda)
-                if name == "ours":
-                    row["ours_us"], row["ours_ok"], row["method"] = us, ok, method
-                else:
-                    row["peers"][name] = {"us": us, "ok": ok}
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {e}"
-            print(f"    FAILED: {row['error']}", flush=True)
-        print(f"    ours {row['ours_us']} us ok={row['ours_ok']}; peers {row['peers']}", flush=True)
-    return rows
+    for phase, ms in p["relu2_ms"].items():
+        for m in ms:
+            case = f"relu2 M={m} N={n}"
+            print(f"  {case}", flush=True)
+            row = _new_row("relu2", "relu2", phase, m, case)
+            try:
+                row["bytes_read"] = m * n * DTYPE.itemsize
+                copies = rotation_copies(row["bytes_read"], p, 2 * m * n * DTYPE.itemsize)
+                row["copies"] = copies
+                xs = [torch.randn(m, n, device=device, dtype=DTYPE) for _ in range(copies)]
+                ref = relu2.relu2_reference(xs[0])
+                got = relu2.relu2_triton(xs[0])
+                row["ours_ok"] = bool(torch.allclose(got.float(), ref.float(), atol=1e-6, rtol=1e-2))
+                row["ours_err"] = float((got.float() - ref.float()).abs().max())
+                row["ours_us"], row["method"], row["ours_times"] = launch_us(
+                    [lambda x=x: relu2.relu2_triton(x) for x in xs], p["launches"], p["replays"], cuda, timed)
+                for name, act in paths.items():
+                    out = act(xs[0])
+                    ok_err = (bool(torch.allclose(out.float(), ref.float(), atol=0, rtol=1e-2)),
+                              float((out.float() - ref.float()).abs().max()))  # fmt: skip
+                    _peer_times(row, name, ok_err, [lambda x=x, f=act: f(x) for x in xs], p, cuda, timed)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                print(f"    FAILED: {row['error']}", flush=True)
+            print(f"    ours {_fmt(row['ours_us'], '8.1f')} us ok={row['ours_ok']}; "
+                  + " ".join(f"{n} {_fmt(v['us'], '8.1f')}" for n, v in row["peers"].items()), flush=True)
+            writer.add(row)
 
 
-def run_compare(out_path: Path, dry_run: bool) -> int:
+def run_compare(out_path: Path, dry_run: bool, warm: bool = False) -> int:
+    """The compare step (`warm`: the warm step, every row built and each path run once, nothing timed, so the
+    compiles land in Triton's and Inductor's on-disk caches before the timed step)."""
     device = torch.device("cpu" if dry_run else "cuda")
     cuda = device.type == "cuda"
     p = COMPARE_DRY if dry_run else COMPARE_GPU
     torch.manual_seed(0)
-    rows = attention_compare(p, device, cuda) + relu2_compare(p, device, cuda)
-    info = {"device": device_info(device), "profile": p, "compare": rows,
-            "informational": "relu2_linear (no plugin runs it) is in kernels.json only, outside the verdicts"}
-    out_path.write_text(json.dumps(info, indent=1, default=_json_default) + "\n")
-    bad = [r["case"] for r in rows if r["error"]]
-    print(f"compare: {len(rows)} rows, {len(bad)} errors {bad or ''}")
+    t0 = time.time()
+    writer = RowWriter(out_path, {"device": device_info(device), "profile": p, "warm_only": warm,
+                                  "informational": "relu2_linear (no plugin runs it) is in kernels.json only, "
+                                                   "outside the verdicts"})  # fmt: skip
+    attention_compare(p, device, cuda, writer, timed=not warm)
+    relu2_compare(p, device, cuda, writer, timed=not warm)
+    writer.header["seconds"] = round(time.time() - t0, 1)
+    writer.write(complete=True)
+    bad = [r["case"] for r in writer.rows if r["error"]]
+    print(f"{'warm' if warm else 'compare'}: {len(writer.rows)} rows, {len(bad)} errors {bad or ''}")
     return 1 if bad else 0
 
 
-# The verdict (issue 19 item 5): ours ("triton") only where it is within these factors of the best peer that passed
-# its cross-check, at every counted row, and every cross-check of ours passed; else the engine's kernels ("engine").
-# Counted rows: decode at batch >= 32, every prefill row, relu2 at M >= 32.
-VERDICT_LIMITS = {"decode": (32, 1.05), "prefill": (1, 1.5), "relu2": (32, 1.05)}  # kind: (min size, max ratio)
-VERDICT_OPS = {"attention": ("decode", "prefill"), "relu2": ("relu2",)}
+# The verdict (issue 29): ours ("triton") for an op and a phase only where, at every row of that phase, ours was
+# faster than every peer that passed its cross-check: median of >= MIN_REPEATS graph replays, and the gap between the
+# medians larger than the spread (max - min) of either side's replays. Every cross-check of ours must pass, and a row
+# with no counting peer or too few repeats gives "engine".
+VERDICT_OPS = {"attention": ("decode", "prefill"), "relu2": ("decode", "prefill")}
 
 
-def verdict(op: str, rows: list[dict]) -> dict[str, str]:
-    """{"verdict": "triton" | "engine", "reason": ...} for `op` from side-by-side rows.
+def _spread(times: list[float]) -> float:
+    return max(times) - min(times)
 
-    A row: {"kind": "decode" | "prefill" | "relu2", "size": batch or M, "case": name, "ours_us": float | None,
-    "ours_ok": bool, "peers": {peer: {"us": float | None, "ok": bool}}}. A peer with no time or a failed
-    cross-check does not count; a counted row without a counting peer, or with ours failing, gives "engine".
-    """
-    kinds = VERDICT_OPS[op]
-    counted = [r for r in rows if r["kind"] in kinds and r["size"] >= VERDICT_LIMITS[r["kind"]][0]]
-    if not counted:
+
+def row_verdict(row: dict) -> tuple[bool, str]:
+    """(ours faster than every counting peer by more than the spread, why) for one side-by-side row."""
+    if row.get("error"):
+        return False, f"{row['case']}: {row['error']}"
+    if not row["ours_ok"]:
+        return False, f"{row['case']}: our cross-check failed"
+    ours = row.get("ours_times") or []
+    if len(ours) < MIN_REPEATS:
+        return False, f"{row['case']}: ours timed {len(ours)} times (< {MIN_REPEATS})"
+    peers = {n: p for n, p in row["peers"].items() if p.get("ok") and p.get("times")}
+    if not peers:
+        return False, f"{row['case']}: no peer passed its cross-check"
+    ours_med = statistics.median(ours)
+    closest = (math.inf, "")
+    for name, peer in peers.items():
+        if len(peer["times"]) < MIN_REPEATS:
+            return False, f"{row['case']}: {name} timed {len(peer['times'])} times (< {MIN_REPEATS})"
+        peer_med = statistics.median(peer["times"])
+        gap, spread = peer_med - ours_med, max(_spread(ours), _spread(peer["times"]))
+        if gap <= spread:
+            verb = "slower than" if gap < 0 else "within the spread of"
+            return False, (f"{row['case']}: ours {ours_med:.1f} us {verb} {name} {peer_med:.1f} us "
+                           f"(gap {gap:.1f} us, spread {spread:.1f} us)")  # fmt: skip
+        closest = min(closest, (gap - spread, f"{name} {peer_med:.1f} us, gap {gap:.1f} > spread {spread:.1f} us"))
+    return True, f"{row['case']}: ours {ours_med:.1f} us, closest {closest[1]}"
+
+
+def verdict(op: str, phase: str, rows: list[dict]) -> dict[str, str]:
+    """{"verdict": "triton" | "engine", "reason": ...} for `op` in `phase` from side-by-side rows (`row_verdict`)."""
+    mine = [r for r in rows if r.get("op") == op and r.get("phase") == phase]
+    if not mine:
         return {"verdict": "engine", "reason": "no side-by-side row measured"}
-    failed = [r["case"] for r in rows if r["kind"] in kinds and not r["ours_ok"]]
-    if failed:
-        return {"verdict": "engine", "reason": f"our cross-check failed: {', '.join(failed)}"}
-    worst: tuple[float, str, str] = (0.0, "", "")
-    for r in counted:
-        peers = {n: p["us"] for n, p in r["peers"].items() if p["ok"] and p["us"] is not None and p["us"] > 0}
-        if r["ours_us"] is None or not r["ours_us"] > 0:
-            return {"verdict": "engine", "reason": f"{r['case']}: ours not timed"}
-        if not peers:
-            return {"verdict": "engine", "reason": f"{r['case']}: no peer passed its cross-check"}
-        best = min(peers, key=lambda n: peers[n])
-        ratio = r["ours_us"] / peers[best]
-        if ratio > VERDICT_LIMITS[r["kind"]][1]:
-            return {"verdict": "engine", "reason": f"{r['case']}: ours {ratio:.2f}x {best} "
-                    f"(limit {VERDICT_LIMITS[r['kind']][1]}x)"}  # fmt: skip
-        worst = max(worst, (ratio, r["case"], best))
-    return {"verdict": "triton", "reason": f"worst counted row {worst[1]}: ours {worst[0]:.2f}x {worst[2]}"}
+    reasons = []
+    for r in mine:
+        faster, why = row_verdict(r)
+        if not faster:
+            return {"verdict": "engine", "reason": why}
+        reasons.append(why)
+    return {"verdict": "triton", "reason": f"faster at all {len(mine)} rows; e.g. {reasons[0]}"}
 
 
 def verdicts(env: dict, rows: list[dict]) -> dict[str, object]:
-    """The `verdicts` object of gpu_check.json: the GPU's name and capability, one verdict per op."""
+    """The `verdicts` object of gpu_check.json: the GPU's name and capability, one verdict per op and phase, keyed
+    as `MEASURED_FASTER` in kernels/cognica_kernels/dispatch.py."""
     return {"gpu": env.get("name", "?"), "capability": env.get("capability", "?"),
-            **{op: verdict(op, rows) for op in VERDICT_OPS}}  # fmt: skip
+            **{op: {phase: verdict(op, phase, rows) for phase in phases} for op, phases in VERDICT_OPS.items()}}
+
+
+def _half_spread(times: list[float] | None) -> str:
+    return f" +-{_spread(times) / 2:.1f}" if times else ""
 
 
 def report(out_dir: Path) -> int:
     """Merge the step files into OUT/gpu_check.json and print the summary table; non-zero if anything failed."""
     parts: dict[str, object] = {}
-    for name in ("env", "kernel_tests", "kernel_tests_builtin", "kernels", "compare", "decode"):
+    for name in ("env", "kernel_tests", "kernel_tests_builtin", "warm", "kernels", "compare", "decode"):
         path = out_dir / f"{name}.json"
         parts[name] = json.loads(path.read_text()) if path.exists() else None
     steps = {}
@@ -612,25 +772,31 @@ def report(out_dir: Path) -> int:
         print(f"\nwhole-model decode step ({dec['model']}, bf16, paged KV, ctx {dec['ctx']}): parity "
               f"fp32 {'ok' if dec['parity_fp32']['ok'] else 'FAILED'}, bf16 "
               f"{'ok' if dec['parity_bf16']['ok'] else 'FAILED'}")  # fmt: skip
-        print(f"{'windows':<9} {'batch':>5} {'graph':>6} {'ms/step':>8} {'tok/s':>9} {'eager tok/s':>11} "
+        print(f"{'windows':<9} {'ops':<8} {'batch':>5} {'graph':>6} {'ms/step':>8} {'tok/s':>9} {'eager tok/s':>11} "
               f"{'%roofline':>9} {'%copy-roof':>10} {'KV GB':>6} note")  # fmt: skip
         for row in dec["rows"]:
-            print(f"{row['windows']:<9} {row['batch']:>5} {'yes' if row['graph'] else 'no':>6} "
+            graph = "yes" if row["graph"] else "no"
+            print(f"{row['windows']:<9} {row.get('ops', 'opt-in'):<8} {row['batch']:>5} {graph:>6} "
                   f"{_fmt(row['ms'], '8.3f')} {_fmt(row['tok_s'], '9.0f')} {_fmt(row['eager_tok_s'], '11.0f')} "
                   f"{_fmt(row['pct_roofline'], '9.0f')} {_fmt(row['pct_copy_roofline'], '10.0f')} "
                   f"{_fmt(row['kv_gb'], '6.1f')} {row['note'] or ''}")  # fmt: skip
     if compare:
-        print("\nside by side (µs per launch; a peer's time only where its cross-check passed)")
+        done = "" if (parts["compare"] or {}).get("complete") else " -- INCOMPLETE: the step stopped early"
+        print(f"\nside by side (µs per launch, median of the replays +- half their spread; (x): cross-check "
+              f"failed){done}")  # fmt: skip
         for row in compare:
-            peers = "  ".join(f"{n} {_fmt(v.get('us'), '6.1f')}{'' if v.get('ok') else ' (x)'}"
-                              for n, v in row["peers"].items())  # fmt: skip
-            print(f"  {row['case']:<40} ours {_fmt(row['ours_us'], '6.1f')}{'' if row['ours_ok'] else ' (x)'}  "
-                  f"{peers}  {row['error'] or ''}")  # fmt: skip
+            peers = "  ".join(f"{n} {_fmt(v.get('us'), '6.1f')}{_half_spread(v.get('times'))}"
+                              f"{'' if v.get('ok') else ' (x)'}" for n, v in row["peers"].items())  # fmt: skip
+            print(f"  {row['case']:<48} [{row.get('phase', '?')}] ours {_fmt(row['ours_us'], '6.1f')}"
+                  f"{_half_spread(row.get('ours_times'))}{'' if row['ours_ok'] else ' (x)'}  {peers}  "
+                  f"{row['error'] or ''}")  # fmt: skip
     print(f"\nverdicts ({verdict_table['gpu']}, capability {verdict_table['capability']}; \"triton\" means: add "
-          "this GPU name to MEASURED_FASTER[op] in kernels/cognica_kernels/dispatch.py; \"engine\": leave it out)")  # fmt: skip
-    for op in VERDICT_OPS:
-        v = verdict_table[op]
-        print(f"  {op:<10} {v['verdict']:<7} {v['reason']}")
+          "this GPU name to MEASURED_FASTER[op][phase] in kernels/cognica_kernels/dispatch.py; \"engine\": leave it "
+          "out)")  # fmt: skip
+    for op, phases in VERDICT_OPS.items():
+        for phase in phases:
+            v = verdict_table[op][phase]
+            print(f"  {op:<10} {phase:<8} {v['verdict']:<7} {v['reason']}")
     print(f"\nfull results: {out_dir / 'gpu_check.json'}")
     print(f"=== GPU check: {'PASSED' if summary['ok'] else 'FAILED'}")
     return 0 if summary["ok"] else 1
@@ -642,14 +808,16 @@ def main() -> int:
     k = sub.add_parser("kernels", help="time the kernels, write JSON")
     k.add_argument("--out", type=Path, required=True)
     k.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
-    c = sub.add_parser("compare", help="ours beside the peers on identical inputs, write JSON")
-    c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    for name, what in (("compare", "ours beside the peers on identical inputs, write JSON row by row"),
+                       ("warm", "build every compare row and run each path once, untimed: compiles into the caches")):
+        c = sub.add_parser(name, help=what)
+        c.add_argument("--out", type=Path, required=True)
+        c.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     r = sub.add_parser("report", help="merge the step files of OUT and print the table")
     r.add_argument("out_dir", type=Path)
     args = parser.parse_args()
-    if args.cmd == "compare":
-        return run_compare(args.out, args.dry_run)
+    if args.cmd in ("compare", "warm"):
+        return run_compare(args.out, args.dry_run, warm=args.cmd == "warm")
     return run_kernels(args.out, args.dry_run) if args.cmd == "kernels" else report(args.out_dir)
 
 

@@ -1,5 +1,6 @@
 """Timing helpers and paged attention inputs of the benchmarks (benchmarks/gpu_check.py, benchmarks/paged_decode.py,
-benchmarks/kernels.py): torch and triton only. One timer (`Timer`), one paged-input builder (`paged_inputs`).
+benchmarks/kernels.py): torch and triton only. One timer (`Timer`), one paged-input builder (`paged_inputs`), and
+torch SDPA over a paged cache (`sdpa_paged_decode`).
 
 On CUDA a time is the median of CUDA-event intervals, warm-up runs excluded, with L2 flushed (a 256 MB buffer
 zeroed) before every timed run. The dry run (`scripts/gpu_check.sh --dry-run`: CPU tensors, Triton's interpreter)
@@ -103,6 +104,28 @@ def paged_inputs(batch: int, ctx: int, q_len: int, heads: int, head_dim: int, pa
     seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
     query_start_loc = torch.arange(0, batch * q_len + 1, q_len, device=device, dtype=torch.int32)
     return q, key_cache, value_cache, block_table, seq_lens, query_start_loc
+
+
+def sdpa_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, scale: float, window_left: int) -> torch.Tensor:
+    """Decode attention (one query per sequence, q `[B, heads, hd]`) by torch SDPA over the pages that hold each
+    sequence's window, gathered through the block table: fixed shapes and no host sync, so a CUDA graph captures it.
+    The stand-in for the engines' default attention in the "default" rows of benchmarks/paged_decode.py."""
+    batch, pages = block_table.shape
+    page = key_cache.shape[1]
+    nkv, hd = key_cache.shape[2], key_cache.shape[3]
+    span = min(pages, -(-window_left // page) + 1)  # pages that can hold the query and the window_left keys before it
+    last = seq_lens.long() - 1  # the query's position
+    first_page = ((last - window_left).clamp(min=0) // page).clamp(max=pages - span)
+    cols = first_page[:, None] + torch.arange(span, device=q.device)
+    blocks = block_table.gather(1, cols).long()
+    k = key_cache[blocks].reshape(batch, span * page, nkv, hd).transpose(1, 2)
+    v = value_cache[blocks].reshape(batch, span * page, nkv, hd).transpose(1, 2)
+    pos = (cols[:, :, None] * page + torch.arange(page, device=q.device)).reshape(batch, span * page)
+    visible = (pos <= last[:, None]) & (pos >= last[:, None] - window_left)
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=visible[:, None, None, :],
+                                                           scale=scale, enable_gqa=q.shape[1] != nkv)  # fmt: skip
+    return out[:, :, 0, :]
 
 
 def device_info(device: torch.device) -> dict[str, object]:

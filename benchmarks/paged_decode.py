@@ -27,6 +27,12 @@ What it does:
    eager and captured in a CUDA graph (median of graph replays, CUDA events): tokens/s and % of the HBM roofline
    of docs/performance.md (bytes of `benchmarks/kernels.py`'s model / the card's data-sheet bandwidth) and of the
    same bytes at the measured copy rate. A row whose KV cache does not fit in free memory is reported, not run.
+   The SSSL rows run twice (`ops`): "opt-in" as above (`COGNICA_KERNELS=triton`), and "default", the ops the
+   plugins run by default as far as this machine has them: relu^2 as torch's `relu(x).square()` and attention as
+   torch SDPA over each sequence's in-window pages gathered through the block table (`gpu_timing.sdpa_paged_decode`; the
+   gather is timed: the engines' FA3 / FlashInfer read the pages inside the kernel, and neither engine is on the GPU
+   machines, so this is a stand-in for the default path, not the engine's number). A default row's eager logits are
+   compared with the opt-in model's on the same step (`logits_vs_opt_in`, max abs difference).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_timing import Timer, copy_rate_gbps, device_info  # noqa: E402
+from gpu_timing import Timer, copy_rate_gbps, device_info, sdpa_paged_decode  # noqa: E402
 
 from cognica import layers  # noqa: E402
 from cognica.config import CognicaConfig  # noqa: E402
@@ -121,13 +127,15 @@ class PagedKVCache:
 
 
 class PagedCognica:
-    """The reference model's weights run as a paged decode step (module docstring)."""
+    """The reference model's weights run as a paged decode step (module docstring); `ops` "opt-in" (our Triton
+    attention and relu^2) or "default" (`sdpa_paged_decode` for decode steps and torch's relu^2)."""
 
-    def __init__(self, ref: CognicaGPT, window_left: tuple[int, ...]):
+    def __init__(self, ref: CognicaGPT, window_left: tuple[int, ...], ops: str = "opt-in"):
         cfg = ref.config
         assert cfg.n_active_layers == cfg.n_layer and cfg.poe_head == "final", \
             "the harness runs the whole model through its final head (no PoE stage prefix or Log-OP head)"
-        self.ref, self.cfg, self.window_left = ref, cfg, window_left
+        assert ops in ("opt-in", "default"), ops
+        self.ref, self.cfg, self.window_left, self.ops = ref, cfg, window_left, ops
         self.qkv = [
             torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).contiguous() for b in ref.transformer.h
         ]
@@ -161,12 +169,17 @@ class PagedCognica:
             kind = cache.kinds[i]
             cache.k[i].view(-1, nkv, hd)[slots[kind]] = k
             cache.v[i].view(-1, nkv, hd)[slots[kind]] = v.view(T, nkv, hd)
-            y = paged_attention_triton(
-                q.contiguous(), cache.k[i], cache.v[i], tables[kind], step.seq_lens, step.query_start_loc,
-                hd**-0.5, self.window_left[i], max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
-            )  # fmt: skip
-            x = x + block.attn.c_proj(y.view(T, nh * hd))
-            x = x + block.mlp.c_proj(relu2_triton(block.mlp.c_fc(layers.norm(x))))
+            if self.ops == "default" and step.max_query_len == 1:
+                y = sdpa_paged_decode(q, cache.k[i], cache.v[i], tables[kind], step.seq_lens, hd**-0.5,
+                                      self.window_left[i])  # fmt: skip
+            else:
+                y = paged_attention_triton(
+                    q.contiguous(), cache.k[i], cache.v[i], tables[kind], step.seq_lens, step.query_start_loc,
+                    hd**-0.5, self.window_left[i], max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
+                )  # fmt: skip
+            x = x + block.attn.c_proj(y.reshape(T, nh * hd))
+            h = block.mlp.c_fc(layers.norm(x))
+            x = x + block.mlp.c_proj(torch.relu(h).square() if self.ops == "default" else relu2_triton(h))
             if i == cfg.backout_layer:
                 x_backout = x
         # the reference's single-exit head (not the PoE Log-OP one): backout, final norm, lm_head, soft-cap
@@ -290,11 +303,14 @@ def time_decode(ref16: CognicaGPT, profile: dict, timer: Timer, copy_gbps: float
         sssl = windows == "SSSL"
         window_left = cfg.window_left if sssl else (cfg.sequence_len,) * cfg.n_layer
         ring_layers = cfg.is_sliding if sssl else (False,) * cfg.n_layer
-        model = PagedCognica(ref16, window_left)
-        for batch in profile["batches"]:
-            row: dict[str, object] = {"windows": windows, "batch": batch, "ctx": ctx, "graph": False, "ms": None,
-                                      "tok_s": None, "eager_ms": None, "eager_tok_s": None, "pct_roofline": None,
-                                      "pct_copy_roofline": None, "roofline_card": card, "note": None}  # fmt: skip
+        opt_in = PagedCognica(ref16, window_left)
+        ops_modes = ("default", "opt-in") if sssl else ("opt-in",)
+        for batch, ops in [(b, o) for b in profile["batches"] for o in ops_modes]:
+            model = opt_in if ops == "opt-in" else PagedCognica(ref16, window_left, ops)
+            row: dict[str, object] = {"windows": windows, "ops": ops, "batch": batch, "ctx": ctx, "graph": False,
+                                      "ms": None, "tok_s": None, "eager_ms": None, "eager_tok_s": None,
+                                      "pct_roofline": None, "pct_copy_roofline": None, "roofline_card": card,
+                                      "logits_vs_opt_in": None, "note": None}  # fmt: skip
             rows.append(row)
             kv = PagedKVCache.nbytes(cfg, ring_layers, batch, ctx, 1, ref16.dtype)
             row["kv_gb"] = kv / 1e9
@@ -304,9 +320,9 @@ def time_decode(ref16: CognicaGPT, profile: dict, timer: Timer, copy_gbps: float
                     row["note"] = f"not run: KV needs {kv / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
                     print(f"  {windows} b={batch}: {row['note']}", flush=True)
                     continue
-            print(f"  {windows} b={batch} ctx={ctx}: KV {kv / 1e9:.2f} GB", flush=True)
+            print(f"  {windows} {ops} b={batch} ctx={ctx}: KV {kv / 1e9:.2f} GB", flush=True)
             try:
-                _time_row(row, model, ring_layers, batch, profile, timer)
+                _time_row(row, model, opt_in, ring_layers, batch, profile, timer)
             except Exception as e:
                 row["note"] = f"FAILED: {type(e).__name__}: {e}"
                 print(f"    {row['note']}", flush=True)
@@ -322,14 +338,17 @@ def time_decode(ref16: CognicaGPT, profile: dict, timer: Timer, copy_gbps: float
     return rows
 
 
-def _time_row(row: dict, model: PagedCognica, ring_layers: tuple[bool, ...], batch: int, profile: dict,
-              timer: Timer) -> None:  # fmt: skip
+def _time_row(row: dict, model: PagedCognica, opt_in: PagedCognica, ring_layers: tuple[bool, ...], batch: int,
+              profile: dict, timer: Timer) -> None:  # fmt: skip
     ctx, device = profile["ctx"], timer.device
     cache = PagedKVCache(model.cfg, ring_layers, batch, ctx, 1, model.ref.dtype, device)
     cache.fill_random()
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, model.cfg.vocab_size, (2, batch), generator=g).tolist()
     step = _step(list(range(batch)), [[t] for t in ids[0]], [ctx - 1] * batch, ids[1], device)
+    if model is not opt_in:  # the same step through both paths (the step rewrites the same K/V: idempotent)
+        diff = (model.forward(step, cache) - opt_in.forward(step, cache)).abs().max()
+        row["logits_vs_opt_in"] = float(diff)
     row["eager_ms"], _ = timer.median_ms(lambda: model.forward(step, cache), profile["reps"], profile["warmup"])
     row["eager_tok_s"] = batch / (row["eager_ms"] * 1e-3)
     if timer.cuda:

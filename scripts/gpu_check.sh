@@ -3,18 +3,22 @@
 # machine (torch, triton, safetensors, tiktoken, tokenizers, transformers; no vLLM/SGLang, no pip install, no
 # network). Fields of the table and the JSON: docs/performance.md, "The GPU check".
 #
-#   bash scripts/gpu_check.sh [OUTDIR]             # on a CUDA machine; OUTDIR defaults to $OUT; <= 9 min on an H100
+#   bash scripts/gpu_check.sh [OUTDIR]             # on a CUDA machine; OUTDIR defaults to $OUT; step limits 6 min
 #   bash scripts/gpu_check.sh --dry-run [OUTDIR]   # the same steps at tiny shapes on CPU, TRITON_INTERPRET=1 (~1-2 min)
 #
 # Steps (each under its own time limit, all run even if one fails; exit 1 if any failed):
 #   env           device, versions                                               -> OUTDIR/env.json
 #   kernel-tests  tests/test_kernels.py, compiled on CUDA (pytest, or the builtin
 #                 runner of scripts/gpu_kernel_tests.py where pytest is absent) -> OUTDIR/kernel_tests.json
+#   warm          benchmarks/gpu_check.py warm: every compare row built and run once, untimed, so the Triton and
+#                 torch.compile (flex_attention, relu^2) compiles land in the on-disk caches -> OUTDIR/warm.json
 #   kernels       benchmarks/gpu_check.py kernels: attention timings, and the fused relu^2 GEMM candidate of
 #                 benchmarks/relu2_linear.py (no plugin runs it) against F.linear + relu^2 -> OUTDIR/kernels.json
 #   compare       benchmarks/gpu_check.py compare: ours beside SDPA (cuDNN, flash), flex_attention and torch
-#                 relu^2 on identical inputs, CUDA-graph replay timing; feeds the verdicts -> OUTDIR/compare.json
-#   decode        benchmarks/paged_decode.py: 1.38B factory model, paged decode step  -> OUTDIR/decode.json
+#                 relu^2 alone on identical inputs, CUDA-graph replays; the verdicts per op and phase
+#                 -> OUTDIR/compare.json, rewritten after every row
+#   decode        benchmarks/paged_decode.py: 1.38B factory model, paged decode step, default ops beside the
+#                 opt-in ones -> OUTDIR/decode.json
 #   report        the table last; everything merged into OUTDIR/gpu_check.json
 # Python: $PYTHON, else python3 (--dry-run: .venv/vllm/bin/python where it exists). The package need not be
 # installed: cognica and tests import from the repository, cognica_kernels through a link to kernels/cognica_kernels/.
@@ -25,7 +29,7 @@ OUTDIR=""
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUTDIR=$arg ;;
   esac
@@ -36,7 +40,7 @@ if [ -z "$OUTDIR" ]; then
   exit 2
 fi
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || exit 2
-rm -f "$OUTDIR"/{env,kernel_tests,kernel_tests_builtin,kernels,compare,decode,gpu_check}.json "$OUTDIR/steps.tsv"
+rm -f "$OUTDIR"/{env,kernel_tests,kernel_tests_builtin,warm,kernels,compare,decode,gpu_check}.json "$OUTDIR/steps.tsv"
 
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ $DRY -eq 1 ] && [ -x "$REPO/.venv/vllm/bin/python" ]; then PY=$REPO/.venv/vllm/bin/python
@@ -56,11 +60,13 @@ if [ $DRY -eq 1 ]; then
   # the interpreter must be chosen before triton is imported; CPU tensors only
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   DRYFLAG=(--dry-run)
-  LIMITS=(60 120 120 240 120)  # env, kernel-tests, kernels, decode, compare (s); CPU-bound, the machine may be shared
+  LIMITS=(60 120 120 240 120 120)  # env, kernel-tests, kernels, decode, compare, warm (s); CPU-bound, maybe shared
 else
   unset TRITON_INTERPRET
   DRYFLAG=()
-  LIMITS=(20 120 90 150 150)  # 530 s in all at worst (the 9-minute budget); the device tool allows 600 s per call
+  # env, kernel-tests, kernels, decode, compare, warm: 360 s in all at worst, so a rerun fits a 15-minute budget
+  # with the machine's start; not yet measured on a GPU (each step writes its rows as they finish)
+  LIMITS=(15 90 45 75 60 75)
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check.sh: torch sees no CUDA device; on a machine without one run: bash scripts/gpu_check.sh --dry-run DIR" >&2
     exit 2
@@ -100,6 +106,7 @@ if [ $DRY -eq 1 ]; then
 else
   step kernel-tests "${LIMITS[1]}" "$PY" scripts/gpu_kernel_tests.py --out "$OUTDIR/kernel_tests.json"
 fi
+step warm "${LIMITS[5]}" "$PY" benchmarks/gpu_check.py warm --out "$OUTDIR/warm.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 step kernels "${LIMITS[2]}" "$PY" benchmarks/gpu_check.py kernels --out "$OUTDIR/kernels.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 step compare "${LIMITS[4]}" "$PY" benchmarks/gpu_check.py compare --out "$OUTDIR/compare.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 step decode "${LIMITS[3]}" "$PY" benchmarks/paged_decode.py --out "$OUTDIR/decode.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}

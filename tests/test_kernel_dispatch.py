@@ -52,11 +52,32 @@ def test_a_bad_setting_names_the_variable(value):
 
 def test_auto_runs_triton_only_on_a_gpu_class_measured_faster(monkeypatch):
     monkeypatch.delenv("COGNICA_KERNELS", raising=False)
-    monkeypatch.setitem(dispatch.MEASURED_FASTER, "attention", (H100,))
+    monkeypatch.setitem(dispatch.MEASURED_FASTER, "attention", {"decode": (H100,), "prefill": (H100,)})
     assert choose_kernel("attention", H100).triton, "auto must take a kernel measured faster on this GPU"
     assert "measured it faster" in choose_kernel("attention", H100).reason
     assert not choose_kernel("attention", "NVIDIA A100-SXM4-80GB").triton, "another GPU class is not measured"
     assert not choose_kernel("relu2", H100).triton, "a verdict for attention says nothing of relu2"
+
+
+def test_measured_faster_is_keyed_by_op_and_phase_as_the_gpu_check_verdicts(monkeypatch):
+    """A decode verdict says nothing of prefill: a plugin that names the phase gets that phase's verdict, one that
+    runs one kernel for both (phase None) gets ours only where both phases were measured faster."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gpu_check
+
+    got = gpu_check.verdicts({"name": H100}, [])
+    assert {op: set(got[op]) for op in OPS} == {op: set(dispatch.MEASURED_FASTER[op]) for op in OPS}, got
+    monkeypatch.delenv("COGNICA_KERNELS", raising=False)
+    monkeypatch.setitem(dispatch.MEASURED_FASTER, "attention", {"decode": (H100,), "prefill": ()})
+    assert choose_kernel("attention", H100, "decode").triton
+    assert not choose_kernel("attention", H100, "prefill").triton, "prefill was not measured faster"
+    assert not choose_kernel("attention", H100).triton, "one kernel for both phases needs both verdicts"
+    assert "for prefill" in choose_kernel("attention", H100, "prefill").reason
+    with pytest.raises(ValueError, match="unknown phase"):
+        choose_kernel("attention", H100, "extend")
 
 
 def test_without_triton_installed_cuda_falls_back(monkeypatch):

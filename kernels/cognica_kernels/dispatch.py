@@ -13,10 +13,13 @@ One setting, `COGNICA_KERNELS`, read when a model is built:
 On CPU the engine path is always taken for CUDA kernels; the one CPU op of ours (SGLang's batched torch decode
 attention, `token_pool_decode_attention`) runs unless `attention=engine`.
 
-"Measured slower" means: `scripts/gpu_check.sh` on that GPU class printed the verdict "triton" for the op (ours
-within 1.05x of the best peer at batch >= 32 for decode, 1.5x for prefill, every cross-check passing).
-`MEASURED_FASTER` lists those GPU classes by the name `torch.cuda.get_device_name` gives; it is empty: no GPU
-verdict has said "triton" yet, so `auto` is the engine everywhere. Why the engine by default: vLLM's FLASH_ATTN
+"Measured faster" means: `scripts/gpu_check.sh` on that GPU class printed the verdict "triton" for the op and the
+phase (decode: one query per sequence; prefill: longer chunks, mixed batches included): at every side-by-side row of
+that phase ours was faster than every peer that passed its cross-check, by the median of at least 5 CUDA-graph
+replays, with the gap larger than the replays' spread, and every cross-check of ours passed.
+`MEASURED_FASTER[op][phase]` lists those GPU classes by the name `torch.cuda.get_device_name` gives; it is empty: no
+GPU verdict has said "triton" yet, so `auto` is the engine everywhere. A plugin that cannot tell the phases apart
+(`phase=None`) takes ours only where every phase was measured faster. Why the engine by default: vLLM's FLASH_ATTN
 (FA3 on Hopper) and SGLang's backends already start their key loop at the window start of each S layer, so the
 windows cost them no more than ours, and their kernels are proven; a Triton relu² inside vLLM's compiled graph
 also risks its AOT compile cache (user Triton kernels failed to reload from it in torch releases before January
@@ -36,9 +39,11 @@ logger = logging.getLogger(__name__)
 
 KERNELS_ENV = "COGNICA_KERNELS"
 OPS = ("attention", "relu2")
+PHASES = ("decode", "prefill")
 SETTINGS = ("auto", "engine", "triton")
-# op -> GPU classes (torch.cuda.get_device_name) where scripts/gpu_check.sh's verdict for the op was "triton"
-MEASURED_FASTER: dict[str, tuple[str, ...]] = {"attention": (), "relu2": ()}
+# op -> phase -> GPU classes (torch.cuda.get_device_name) where scripts/gpu_check.sh's verdict for the op and phase
+# was "triton" (benchmarks/gpu_check.py `verdicts`, keyed the same way)
+MEASURED_FASTER: dict[str, dict[str, tuple[str, ...]]] = {op: {phase: () for phase in PHASES} for op in OPS}
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,17 @@ def kernel_setting(op: str, value: str | None = None) -> str:
     return per_op.get(op, "auto")
 
 
-def choose_kernel(op: str, device_name: str | None) -> KernelChoice:
-    """The choice for `op` on a CUDA device named `device_name` (None: not CUDA), with its reason."""
+def measured_faster(op: str, device_name: str, phase: str | None = None) -> bool:
+    """Whether scripts/gpu_check.sh measured ours faster for `op` on `device_name` in `phase` (None: in every
+    phase, for a caller that runs one kernel for all of them)."""
+    if phase is not None and phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}: expected one of {PHASES} or None")
+    return all(device_name in MEASURED_FASTER[op][p] for p in ((phase,) if phase else PHASES))
+
+
+def choose_kernel(op: str, device_name: str | None, phase: str | None = None) -> KernelChoice:
+    """The choice for `op` on a CUDA device named `device_name` (None: not CUDA) in `phase` ('decode', 'prefill',
+    or None for a kernel that serves both), with its reason."""
     setting = kernel_setting(op)
     if device_name is None:
         return KernelChoice(op, False, setting, "not on CUDA: the Triton kernels run only there")
@@ -80,10 +94,11 @@ def choose_kernel(op: str, device_name: str | None) -> KernelChoice:
         return KernelChoice(op, False, setting, "triton is not installed")
     if setting == "triton":
         return KernelChoice(op, True, setting, f"{KERNELS_ENV} opts in to the cognica_kernels Triton kernel")
-    if device_name in MEASURED_FASTER[op]:
-        return KernelChoice(op, True, setting, f"scripts/gpu_check.sh measured it faster on {device_name}")
+    where = f"{device_name}" + (f" for {phase}" if phase else " in every phase")
+    if measured_faster(op, device_name, phase):
+        return KernelChoice(op, True, setting, f"scripts/gpu_check.sh measured it faster on {where}")
     return KernelChoice(op, False, setting, f"no measurement shows the cognica_kernels Triton kernel faster on "
-                                            f"{device_name} (scripts/gpu_check.sh; opt in with {KERNELS_ENV}=triton)")
+                                            f"{where} (scripts/gpu_check.sh; opt in with {KERNELS_ENV}=triton)")
 
 
 @functools.cache
@@ -99,14 +114,15 @@ def _log_once(choice: KernelChoice, device_name: str | None, log: logging.Logger
     log.info("cognica: %s runs %s on %s: %s", choice.op, path, device_name or "CPU", choice.reason)
 
 
-def use_triton(op: str, is_cuda: bool, log: logging.Logger | None = None) -> bool:
-    """The plugins' switch for `op` on this process's device; the choice and its reason are logged once per
-    process to `log` (the plugin's logger, which the engine prints; default this module's)."""
+def use_triton(op: str, is_cuda: bool, log: logging.Logger | None = None, phase: str | None = None) -> bool:
+    """The plugins' switch for `op` on this process's device (in `phase`; None: one choice for every phase); the
+    choice and its reason are logged once per process to `log` (the plugin's logger, which the engine prints;
+    default this module's)."""
     import torch
 
     device_name = _cuda_device_name(torch.cuda.current_device()) if is_cuda and torch.cuda.is_available() else None
     if is_cuda and device_name is None:
         device_name = "CUDA"  # a caller that simulates a CUDA engine without a device (tests)
-    choice = choose_kernel(op, device_name)
+    choice = choose_kernel(op, device_name, phase)
     _log_once(choice, device_name, log or logger)
     return choice.triton
