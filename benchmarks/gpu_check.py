@@ -646,6 +646,29 @@ def relu2_compare(p: dict, device: torch.device, cuda: bool, writer: RowWriter, 
             writer.add(row)
 
 
+def warm_kernel_cases(profile: dict, device: torch.device) -> int:
+    """The warm step's share of the kernels step: every launch configuration its cases use, run once on small
+    inputs of the same compile-time shape (the Triton compiles land in the on-disk cache); returns the launches."""
+    scale, launches = profile["head_dim"] ** -0.5, 0
+    n_seq, prefill_len, chunks = profile["prefill"]
+    shapes = [(b, 1, ctx) for b in profile["decode_batches"] for ctx in profile["decode_ctxs"]]
+    shapes += [(n_seq, chunk, prefill_len) for chunk in chunks]
+    for batch, q_len, total in shapes:
+        for window in (profile["window_left"], None):
+            q, kc, vc, bt, sl, qsl = paged_inputs(batch, total, q_len, profile["heads"], profile["head_dim"],
+                                                  profile["page"], device, seed=0, dtype=DTYPE)  # fmt: skip
+            for first in sorted({total - q_len, 0}) if q_len > 1 else (total - 1,):  # chunk lengths seen
+                attention.paged_attention_triton(q, kc, vc, bt, torch.full_like(sl, first + q_len), qsl, scale,
+                                                 window, max_query_len=q_len, max_seq_len=first + q_len)  # fmt: skip
+                launches += 1
+    k, n = profile["gemm_kn"]
+    w = torch.randn(n, k, device=device, dtype=DTYPE)
+    for m in profile["gemm_ms"]:
+        relu2_linear.relu2_linear_triton(torch.randn(m, k, device=device, dtype=DTYPE), w)
+        launches += 1
+    return launches
+
+
 def run_compare(out_path: Path, dry_run: bool, warm: bool = False) -> int:
     """The compare step (`warm`: the warm step, every row built and each path run once, nothing timed, so the
     compiles land in Triton's and Inductor's on-disk caches before the timed step)."""
@@ -659,6 +682,8 @@ def run_compare(out_path: Path, dry_run: bool, warm: bool = False) -> int:
                                                    "outside the verdicts"})  # fmt: skip
     attention_compare(p, device, cuda, writer, timed=not warm)
     relu2_compare(p, device, cuda, writer, timed=not warm)
+    if warm:  # and the kernels step's launch configurations
+        writer.header["kernel_launches"] = warm_kernel_cases(DRY_PROFILE if dry_run else GPU_PROFILE, device)
     writer.header["seconds"] = round(time.time() - t0, 1)
     writer.write(complete=True)
     bad = [r["case"] for r in writer.rows if r["error"]]
