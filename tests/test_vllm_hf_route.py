@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from cognica.checkpoint import canonical_name, open_checkpoint
-from cognica.hf import CognicaPoEForCausalLM, register
 from cognica.model import CognicaGPT
+from tests.hf_route import RANK, fine_tune_and_adapt, max_logit_change
 from tests.utils import assert_bf16_close, assert_fp32_parity, assert_prompt_logprobs_parity, random_prompts
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -41,10 +41,7 @@ from tests.vllm_utils import greedy, prompt_logprobs, run  # noqa: E402
 
 pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
 
-TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
-        "All that glitters is not gold. Where there is a will, there is a way. ") * 3
 NEW = 16
-RANK = 8
 LLMC_PYTHON = Path(__file__).resolve().parents[1] / ".venv" / "llmc" / "bin" / "python"  # scripts/setup.sh llmc
 # llm-compressor's standard W8A8 recipe for a causal LM, as the README gives it (argv: source, output directory)
 ONESHOT = """
@@ -62,61 +59,10 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 """
 
 
-def train(model: torch.nn.Module, tok, steps: int, lr: float) -> list[float]:
-    """`steps` AdamW steps of next-token loss on TEXT (two rows, right-padded with a masked pad); the losses."""
-    batch = tok([TEXT, TEXT[:120]], padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def as_reference(model: CognicaPoEForCausalLM) -> CognicaGPT:
-    """The pure-torch reference holding the transformers model's weights (the same names)."""
-    ref = CognicaGPT(model.arch)
-    ref.load_state_dict(model.state_dict())
-    return ref.float().eval()
-
-
 @pytest.fixture(scope="module")
 def route(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The README's "Fine-tune, quantize, serve" steps: the fine-tuned directory, its reference, and the two
-    adapters (path, merged reference)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    register()
-    root = tmp_path_factory.mktemp("hf_route")
-    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
-    tok.pad_token = tok.bos_token
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32)
-    base = as_reference(model)
-    losses = train(model, tok, steps=3, lr=1e-3)
-    assert losses[-1] < losses[0], f"full fine-tune did not lower the loss: {losses}"
-    model.save_pretrained(root / "sft")
-    tok.save_pretrained(root / "sft")
-    out = {"sft": (root / "sft", as_reference(model)), "base": base}
-    for name, targets in (("all_linear", "all-linear"), ("named", ["c_q", "c_v", "c_fc", "lm_head"])):
-        trained = AutoModelForCausalLM.from_pretrained(root / "sft", dtype=torch.float32)
-        peft_model = get_peft_model(trained, LoraConfig(r=RANK, lora_alpha=16, target_modules=targets,
-                                                        lora_dropout=0.0))
-        losses = train(peft_model, tok, steps=3, lr=1e-2)
-        assert losses[-1] < losses[0], f"LoRA ({name}) did not lower the loss: {losses}"
-        peft_model.save_pretrained(root / name)
-        # PEFT's own merge of the saved adapter onto a fresh load of the fine-tuned model: the oracle
-        fresh = AutoModelForCausalLM.from_pretrained(root / "sft", dtype=torch.float32)
-        merged = PeftModel.from_pretrained(fresh, root / name).merge_and_unload()
-        out[name] = (root / name, as_reference(merged))
-    return out
+    return fine_tune_and_adapt(tiny_ckpt, tmp_path_factory.mktemp("hf_route"),
+                               {"all_linear": "all-linear", "named": ["c_q", "c_v", "c_fc", "lm_head"]})
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +87,7 @@ def serve_one(llm: LLM, prompt: list[int], lora: LoRARequest | None) -> tuple[li
 def test_full_fine_tune_saved_by_save_pretrained_serves_as_trained(llm, route):
     _, trained = route["sft"]
     [prompt] = random_prompts([300], seed=31)
-    with torch.no_grad():
-        moved = (trained(torch.tensor([prompt])) - route["base"](torch.tensor([prompt]))).abs().max().item()
+    moved = max_logit_change(trained, route["base"], prompt)
     assert moved > 0.05, f"the fine-tune barely moved the logits ({moved:.3g}): the test would not see a stale load"
     tokens, logprobs, out = serve_one(llm, prompt, None)
     assert_fp32_parity(trained, prompt, tokens, logprobs, "full fine-tune served by vLLM", n_new=NEW)
@@ -153,8 +98,7 @@ def test_full_fine_tune_saved_by_save_pretrained_serves_as_trained(llm, route):
 def test_peft_adapter_serves_as_the_merged_reference(llm, route, adapter: str, lora_id: int):
     path, merged = route[adapter]
     [prompt] = random_prompts([300], seed=32 + lora_id)
-    with torch.no_grad():
-        moved = (merged(torch.tensor([prompt])) - route["sft"][1](torch.tensor([prompt]))).abs().max().item()
+    moved = max_logit_change(merged, route["sft"][1], prompt)
     assert moved > 0.05, f"the {adapter} adapter barely moved the logits ({moved:.3g})"
     tokens, logprobs, out = serve_one(llm, prompt, LoRARequest(adapter, lora_id, str(path)))
     what = f"PEFT adapter ({adapter}) on vLLM"
