@@ -249,6 +249,11 @@ class CognicaModel(nn.Module):
 
 
 class CognicaPoEForCausalLM(nn.Module, CognicaLoRA, SupportsLoRA, SupportsPP):
+    # every pipeline stage reads token ids (value embeddings; smear on the first): vLLM's V2 runner passes
+    # input_ids=None to later stages unless the model says so (`requires_raw_input_tokens` in
+    # vllm/model_executor/models/interfaces.py, read by `GPUModelRunner.execute_model` in vllm/v1/worker/gpu/)
+    requires_raw_input_tokens = True
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         self.config = cfg = model_config(vllm_config)
