@@ -338,11 +338,6 @@ def _validate(cfg: CognicaConfig) -> None:
         bad = sorted(set(cfg.window_pattern) - {"S", "L"})
         if bad:
             problems.append(f"window_pattern: unknown letter(s) {bad} in {cfg.window_pattern!r}; use S and L")
-        if len(cfg.window_pattern) > cfg.n_layer:
-            problems.append(
-                f"window_pattern: {cfg.window_pattern!r} has {len(cfg.window_pattern)} letters"
-                f" but the model has {cfg.n_layer} layers"
-            )
     if cfg.poe_mode not in POE_MODES:
         problems.append(f"poe_mode: {cfg.poe_mode!r} is not one of {POE_MODES}")
     if problems:

@@ -371,7 +371,7 @@ def soak(server: Server, prompts: list[str], n_requests: int, concurrency: int, 
 ENGINE_START_VARIANTS = (
     "missing_tensor", "unknown_tensor", "wrong_shape", "int32_dtype", "nan_scalar", "truncated_file",
     "header_wrong_span", "empty_file", "config_missing_field", "config_heads_vs_width", "config_window_letter",
-    "config_window_too_long", "vocab_mismatch", "symlink_escape", "sharded_and_single",
+    "vocab_mismatch", "symlink_escape", "sharded_and_single",
 )
 
 

@@ -202,8 +202,6 @@ VARIANTS: dict[str, tuple[Build, str, bool]] = {
                               "128 is not divisible by 3 heads", True),
     "config_window_letter": (config(set_fields(window_pattern="SSXL")), "window_pattern: unknown letter(s) ['X']",
                              True),
-    "config_window_too_long": (config(set_fields(window_pattern="SSSLS")), "has 5 letters but the model has 4 layers",
-                               True),
     "config_conflicting_aliases": (config(set_fields(hidden_size=256)), "n_embd: conflicting values", True),
     "config_not_json": (file_bytes("config.json", lambda b: b'{"n_layer": 4,'), "config.json: not valid JSON", True),
     "config_missing": (remove("config.json"), "config.json: missing", True),

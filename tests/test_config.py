@@ -67,9 +67,14 @@ def test_unknown_window_letter_is_an_error():
     assert "window_pattern" in msg and "'X'" in msg, f"the unknown letter X must be named: {msg}"
 
 
-def test_window_pattern_longer_than_layers_is_an_error():
-    msg = parse_error(NANOCHAT | {"n_layer": 2, "window_pattern": "SSSL"})
-    assert "window_pattern" in msg and "2 layers" in msg, f"a 4-letter pattern on 2 layers must be refused: {msg}"
+@pytest.mark.parametrize("n_layer, pattern, letters", [(2, "SSSL", "SL"), (3, "SSSL", "SSL"), (1, "SSSL", "L"),
+                                                      (6, "SSSL", "SSSLSL"), (5, "L", "LLLLL"), (3, "SLSSL", "SLL")])
+def test_window_pattern_is_tiled_over_the_layers_whatever_its_length(n_layer, pattern, letters):
+    """Upstream nanochat's `_compute_window_sizes`: layer i takes pattern[i % len(pattern)], the last layer L; a small
+    model with the default "SSSL" (shorter than the pattern) is valid there, so here too."""
+    cfg = CognicaConfig.from_dict(NANOCHAT | {"n_layer": n_layer, "window_pattern": pattern})
+    assert cfg.window_letters == letters
+    assert cfg.is_sliding == tuple(c == "S" for c in letters)
 
 
 @pytest.mark.parametrize("value", ["24", 24.5, True, [24], None])
