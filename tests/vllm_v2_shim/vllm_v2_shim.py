@@ -41,8 +41,9 @@ def _require(ok: bool, what: str) -> None:
 def _check_environment() -> None:
     missing = [f"{k}={v!r}" for k, v in (("TRITON_INTERPRET", "1"), ("VLLM_TARGET_DEVICE", "cpu"),
                                           ("CUDA_VISIBLE_DEVICES", "")) if os.environ.get(k) != v]
-    _require(not missing, f"the V2-on-CPU recipe needs {', '.join(missing)} in the environment (scripts/test.sh, "
-                          f"step vllm-v2)")
+    if missing:
+        raise ShimError(f"tests/vllm_v2_shim: vLLM's V2 runner on a CPU needs {', '.join(missing)} in the environment "
+                        f"(scripts/test.sh, step vllm-v2, sets them)")
 
 
 def _source_mentions(obj: Any, text: str) -> bool:
