@@ -30,11 +30,13 @@ def register() -> None:
 
     from cognica.hf import register as register_hf
     from cognica_vllm.config_checks import CognicaConfigChecks
+    from cognica_vllm.self_spec import register as register_self_spec
 
     warning = untested_vllm(vllm.__version__)
     if warning:
         init_logger(f"vllm.{__name__}").warning_once(warning)
     register_hf()
+    register_self_spec()  # the 'cognica_self' speculative method, vLLM >= 0.34 (cognica_vllm.self_spec)
     supported = set(ModelRegistry.get_supported_archs())
     for arch in ARCHITECTURE_ALIASES:
         MODELS_CONFIG_MAP.setdefault(arch, CognicaConfigChecks)

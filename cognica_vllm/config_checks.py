@@ -85,6 +85,10 @@ class CognicaConfigChecks(VerifyAndUpdateConfig):
         if refused:
             raise ValueError(f"{SMEAR_WHY}: {'; '.join(refused)}")
         refuse_logop_pooling(vllm_config)
+        from cognica_vllm.self_spec import refusals as self_spec_refusals
+
+        if refused := self_spec_refusals(vllm_config):  # the 'cognica_self' speculative method
+            raise ValueError(f"cognica: speculative method 'cognica_self' does not support {'; '.join(refused)}")
         if not needs_one_kv_cache_group(vllm_config):
             return
         sched = vllm_config.scheduler_config
