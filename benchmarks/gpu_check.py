@@ -554,10 +554,10 @@ def _attention_row(row: dict, kind: str, batch: int, q_len: int, window: int | N
 
 def _mixed_row(row: dict, n_decode: int, chunk: int, window: int | None, scale: float, p: dict,
                device: torch.device, cuda: bool, peers: tuple, timed: bool) -> None:  # fmt: skip
-    """`n_decode` sequences at one query each and one chunk of `chunk` queries ending at ctx, one launch of ours (the
-    prefill tile, as vLLM batches a mixed step); a peer runs the two parts as two launches on gathered keys: its
-    decode peer for the decode rows (sdpa_*, or flex) and flex for the chunk (SDPA's causal mask is top-left aligned,
-    wrong for a chunk after a prefix)."""
+    """`n_decode` sequences at one query each and one chunk of `chunk` queries ending at ctx in one call of ours, as
+    vLLM batches a mixed step (the launcher sends the one-query rows to the decode tile with split-K and the chunk to
+    the prefill tile); a peer runs the two parts on gathered keys: its decode peer for the decode rows (sdpa_*, or
+    flex) and flex for the chunk (SDPA's causal mask is top-left aligned, wrong for a chunk after a prefix)."""
     ctx, h, hd = p["ctx"], p["heads"], p["head_dim"]
     batch = n_decode + 1
     dec_bytes = _attention_work(n_decode, ctx - 1, 1, window, {"heads": h, "head_dim": hd})[0]
@@ -607,7 +607,7 @@ def _mixed_row(row: dict, n_decode: int, chunk: int, window: int | None, scale: 
         except Exception as e:
             row["peers"][peer_name] = {"us": None, "times": [], "ok": False,
                                        "error": f"{type(e).__name__}: {str(e)[:200]}"}  # fmt: skip
-    row["note"] = "ours: one launch for the whole mixed batch; peers: two launches on gathered keys (not timed)"
+    row["note"] = "ours: one call for the whole mixed batch; peers: two launches on gathered keys (not timed)"
 
 
 def relu2_compare(p: dict, device: torch.device, cuda: bool, writer: RowWriter, timed: bool = True) -> None:

@@ -346,18 +346,43 @@ def test_decode_split_k_fills_the_gpu_by_its_own_sm_count():
 @pytest.mark.parametrize("window_left", [64, None], ids=["w64", "full"])
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80-tiles", "sm90-tiles"])
 def test_prefill_tiles_of_each_architecture_match_reference(monkeypatch, arch, window_left):
-    """The launcher sizes prefill tiles by the device (`device_arch`): 128 query rows x 16 keys with 8 warps on
-    Hopper, 32 x 16 on an A100. Each choice is exact: a 130-token prefill (two 128-row tiles, the second one row
-    long), a 40-token chunk on a 560-key prefix (past the window) and a decode step in one batch."""
+    """The launcher sizes prefill tiles by the device (`device_arch`): 128 query rows x 64 keys with 8 warps on
+    Hopper (FA-class), 32 x 16 on an A100. Each choice is exact: a 130-token prefill (two 128-row tiles, the second
+    one row long), a 40-token chunk on a 560-key prefix (past the window) and a decode step in one batch."""
     monkeypatch.setattr(attn_ops, "device_arch", lambda device_index: arch)
     variant = attn_ops.kernel_variant(3, 2, 2, 130, 600, window_left, arch=arch)
-    expected = {80: (32, 16, 8), 90: (128, 16, 8)}[arch]
+    expected = {80: (32, 16, 8), 90: (128, 64, 8)}[arch]
     assert (variant["BLOCK_M"], variant["BLOCK_N"], variant["num_warps"]) == expected, variant
     assert variant["NUM_STAGES"] == 5, "two-deep software pipelining of the block table and K/V"
     dtype, atol, rtol = BF16
     batch = _paged_batch([130, 40, 1], [130, 600, 300], 2, 2, 128, dtype)
     out = attn_ops.paged_attention_triton(*batch, window_left)
     _assert_close(out, attn_ops.paged_attention_reference(*batch, window_left), atol, rtol, f"sm_{arch} tiles")
+
+
+@pytest.mark.parametrize("window_left", [300, None], ids=["w300", "full"])
+def test_mixed_batch_sends_one_query_rows_to_the_decode_tile_with_split_k(monkeypatch, window_left):
+    """A mixed batch (#29): the sequences with one query take the decode tile (16 rows, 4 warps, split-K by the SM
+    count and the caller's static max_seq_len), the others the prefill tile, one launch each, each skipping the
+    other's rows; the split-K merge writes only the one-query tokens. Decode rows first, between and last, fp32."""
+    launches = []
+    real = attn_ops._launch
+
+    def record(*args):
+        variant, num_splits, rows = args[-4:-1]
+        launches.append((variant["BLOCK_M"], variant["num_warps"], num_splits, rows))
+        return real(*args)
+
+    monkeypatch.setattr(attn_ops, "_launch", record)
+    dtype, atol, rtol = FP32
+    batch = _paged_batch([1, 40, 1, 1, 17, 1], [300, 600, 90, 1, 200, 513], 2, 2, 64, dtype)
+    out = attn_ops.paged_attention_triton(*batch, window_left, max_query_len=40, max_seq_len=1024)
+    splits = attn_ops.kernel_variant(6, 2, 2, 1, 1024, window_left)["NUM_SPLITS"]
+    assert splits > 1, "the decode rows must split here"
+    prefill = attn_ops.kernel_variant(6, 2, 2, 40, 1024, window_left)
+    assert launches == [(16, 4, splits, attn_ops.DECODE_ROWS),
+                        (prefill["BLOCK_M"], prefill["num_warps"], 1, attn_ops.PREFILL_ROWS)], launches
+    _assert_close(out, attn_ops.paged_attention_reference(*batch, window_left), atol, rtol, "mixed batch")
 
 
 def test_decode_tiles_are_the_same_on_both_architectures():

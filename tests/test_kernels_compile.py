@@ -1,5 +1,6 @@
 """Every Triton kernel lowers to PTX and a cubin for sm_80 (A100) and sm_90 (H100), with no GPU present, and the
-variants production launches compile without spills at >= 25 % occupancy with a double-buffered decode loop.
+variants production launches compile without spills at >= 25 % occupancy with a double-buffered decode loop (the
+FA-class prefill tiles, one program per SM by design: without spills, in the SM's shared memory, double-buffered).
 
 Two checks. `test_every_kernel_lowers_...` compiles hand-written configurations (GQA, head_dim 64, fp32) for
 legality, the GPU check's fused relu^2 GEMM candidate (benchmarks/relu2_linear.py) included.
@@ -71,15 +72,15 @@ def _variants() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
                 "part_ml_ptr": "fp32"}  # fmt: skip
         consts = {"GROUP": group, "GROUP_P2": group_p2, "HEAD_DIM": head_dim, "PAGE_SIZE": page_size,
                   "BLOCK_Q": block_q, "BLOCK_M": max(16, block_q * group_p2), "BLOCK_N": 32, "NUM_SPLITS": splits,
-                  "DOT_FP32": False, "NUM_STAGES": 5,
+                  "DOT_FP32": False, "NUM_STAGES": 5, "ROWS": 1 if block_q == 1 else 0,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}  # fmt: skip
         out.append((f"paged_attention/{label}", attention._paged_attention_kernel, ptrs, consts))
-    for head_dim in (64, 128):
+    for head_dim, per_sequence in ((64, False), (128, True)):
         out.append((
-            f"merge_splits/hd{head_dim}",
+            f"merge_splits/hd{head_dim}" + ("/per-sequence" if per_sequence else ""),
             attention._merge_splits_kernel,
-            {"part_acc_ptr": "fp32", "part_ml_ptr": "fp32", "out_ptr": "bf16"},
-            {"HEAD_DIM": head_dim, "NUM_SPLITS": 4, "SPLITS_P2": 4},
+            {"part_acc_ptr": "fp32", "part_ml_ptr": "fp32", "out_ptr": "bf16", "query_start_loc_ptr": "i32"},
+            {"HEAD_DIM": head_dim, "NUM_SPLITS": 4, "SPLITS_P2": 4, "PER_SEQUENCE": per_sequence},
         ))  # fmt: skip
     return out
 
@@ -156,7 +157,7 @@ def test_every_kernel_lowers_to_cubin_for_sm80_and_sm90(tmp_path):
 # 32 blocks, shared memory 164 KiB (A100) / 228 KiB (H100) with 1 KiB reserved per block. SM counts for split-K.
 _SM = {80: {"smem": 167936, "sms": 108}, 90: {"smem": 233472, "sms": 132}}
 _CAPTURED = ("attention._paged_attention_kernel", "attention._merge_splits_kernel", "relu2._relu2_kernel")
-MIN_OCCUPANCY = 0.25
+MIN_OCCUPANCY = 0.25  # every variant but the FA-class prefill tiles (cognica_kernels.attention.FA_CLASS_ROWS rows)
 
 
 def occupancy(cc: int, regs: int, smem: int, num_warps: int) -> tuple[int, float]:
@@ -184,14 +185,17 @@ def _production_launches():
         kv = torch.zeros(num_blocks, heads, block_size, 2 * hd, dtype=dt)
         return kv.transpose(1, 2).split(hd, dim=-1)
 
-    def vllm(batch: int, q_len: int, window_left, block_size: int = 16):
-        def go():
+    def vllm(batch: int, q_len: int, window_left, block_size: int = 16, mixed: bool = False):
+        def go():  # mixed: batch - 1 one-query rows and one of q_len
             key_cache, value_cache = vllm_cache(block_size)
-            q = torch.zeros(batch * q_len, heads * hd, dtype=dt).view(-1, heads, hd)  # out.flatten(-2) later
+            tokens = batch - 1 + q_len if mixed else batch * q_len
+            q = torch.zeros(tokens, heads * hd, dtype=dt).view(-1, heads, hd)  # out.flatten(-2) later
             blocks = -(-max_len // block_size)
             table = torch.zeros(batch, blocks, dtype=torch.int32)
             seq_lens = torch.full((batch,), max_len, dtype=torch.int32)
-            qsl = torch.arange(0, batch + 1, dtype=torch.int32) * q_len
+            qsl = torch.arange(0, batch + 1, dtype=torch.int32) * (1 if mixed else q_len)
+            if mixed:
+                qsl[-1] = tokens
             attention.paged_attention(q, key_cache, value_cache, table, seq_lens, qsl, hd**-0.5, window_left,
                                       max_query_len=q_len, max_seq_len=max_len)
         return go
@@ -217,6 +221,8 @@ def _production_launches():
             out.append((f"vllm decode {layer} b{batch}", vllm(batch, 1, window)))
         for q_len in q_lens:
             out.append((f"vllm prefill {layer} q{q_len}", vllm(2, q_len, window)))
+        for batch in (2, 64, 256):  # mixed steps: one 512-token chunk and one-query rows (the decode tile's splits)
+            out.append((f"vllm mixed {layer} b{batch}", vllm(batch, 512, window, mixed=True)))
         for q_len in (1, *q_lens):  # SGLang runs our kernel for EXTEND batches (prefill), decode stays its own
             out.append((f"sglang extend {layer} q{q_len}", sglang(2, q_len, window)))
     out.append(("relu2 M8192", mlp(8192)))
@@ -336,8 +342,8 @@ def _compile_production(cc: int) -> dict[str, dict[str, object]]:
         usage = _ptxas_usage(log.getvalue())
         smem = compiled.metadata.shared
         blocks, occ = occupancy(cc, usage["regs"], smem, options.num_warps)
-        shown = {k: consts[k] for k in ("BLOCK_Q", "BLOCK_M", "BLOCK_N", "NUM_SPLITS", "PAGE_SIZE", "BLOCK_SIZE")
-                 if k in consts}
+        shown = {k: consts[k] for k in ("BLOCK_Q", "BLOCK_M", "BLOCK_N", "NUM_SPLITS", "PAGE_SIZE", "BLOCK_SIZE",
+                                        "ROWS", "PER_SEQUENCE") if k in consts}
         variants[key] = {"kernel": kernel.__name__.lstrip("_"), "launches": [label], "constexprs": shown,
                          "divisible_args": divisible, "num_warps": options.num_warps,
                          "num_stages": options.num_stages, "smem": smem, "blocks_per_sm": blocks, "occupancy": occ,
@@ -366,7 +372,9 @@ def format_table(report: dict[str, dict[str, object]], beside: dict[str, dict[st
             rows.append(f"| {sm} | {v['kernel']} | ERROR: {str(v['error'])[:200]} | | | | | | | | "
                         f"{', '.join(v['launches'])} |")
             continue
-        tile = " ".join(f"{k.replace('BLOCK_', '').replace('NUM_', '')}={c}" for k, c in v["constexprs"].items())
+        names = {"ROWS": {0: "all", 1: "one-query", 2: "multi-query"}}  # which sequences a launch serves
+        tile = " ".join(f"{k.replace('BLOCK_', '').replace('NUM_', '')}={names.get(k, {}).get(c, c)}"
+                        for k, c in v["constexprs"].items() if (k, c) not in (("ROWS", 0), ("PER_SEQUENCE", False)))
         rows.append(f"| {sm} | {v['kernel']} | {tile} | {v['num_warps']} / {v['num_stages']} | {v['regs']} "
                     f"| {v['spill_stores']}/{v['spill_loads']} | {v['smem'] / 1024:.1f} | {v['blocks_per_sm']} "
                     f"| {v['occupancy']:.0%} | {v['async_copies']} / {v['multi_buffers']} / {v['loop_wait_pending']} "
@@ -400,6 +408,8 @@ def _run_targets(mode: str, cache_dir: str, pythonpath: str | None = None) -> di
 
 
 def test_production_variants_compile_without_spills_at_25_percent_occupancy(tmp_path):
+    from cognica_kernels.attention import FA_CLASS_ROWS
+
     report = _run_targets("production", str(tmp_path / "triton-cache"))
     print("\n" + format_table(report))  # pytest -s shows it; docs/performance.md keeps it
     errors = {k: v["error"] for k, v in report.items() if "error" in v}
@@ -417,6 +427,15 @@ def test_production_variants_compile_without_spills_at_25_percent_occupancy(tmp_
                 f"{key} ({', '.join(v['launches'])}): the decode loop is not double-buffered: "
                 f"{v['multi_buffers']} two-slot K/V buffers, {v['loop_wait_pending']} copy groups in flight at the "
                 "first dot")
+        if v["kernel"] == "paged_attention_kernel" and v["constexprs"]["BLOCK_M"] >= FA_CLASS_ROWS:
+            # FA-class prefill tiles run one program per SM by design: gated on spills (above), on their shared
+            # memory fitting the SM, and on the two-deep pipelined key loop that hides the copies' latency
+            assert v["blocks_per_sm"] >= 1 and v["smem"] + 1024 <= _SM[int(cc)]["smem"], (
+                f"{key} ({', '.join(v['launches'])}): {v['smem']} B smem, {v['blocks_per_sm']} blocks per SM")
+            assert v["multi_buffers"] >= 2 and v["loop_wait_pending"] > 0, (
+                f"{key}: the FA-class loop is not double-buffered ({v['multi_buffers']} two-slot buffers, "
+                f"{v['loop_wait_pending']} copy groups in flight)")
+            continue
         assert v["occupancy"] >= MIN_OCCUPANCY, (
             f"{key} ({', '.join(v['launches'])}): occupancy {v['occupancy']:.0%} < {MIN_OCCUPANCY:.0%} "
             f"({v['regs']} registers, {v['smem']} B smem, {v['num_warps']} warps)")

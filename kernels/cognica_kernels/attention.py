@@ -22,7 +22,8 @@ The Triton kernel (one program per sequence x tile of queries x KV head x split)
 query's window start, `first_position - window_left`, to its last query, with an online softmax in fp32. Keys
 outside that range are never loaded (the loads are masked), so a windowed decode step costs O(window), not
 O(context). Query heads that share a KV head are packed into one tile, so GQA loads each key once per tile.
-Decode can split the key range over several programs (split-K) and merge the partial softmaxes in a second kernel.
+Decode can split the key range over several programs (split-K) and merge the partial softmaxes in a second kernel;
+in a mixed batch the one-query sequences take the decode tile and its split-K, the others the prefill tile.
 The key loop is software-pipelined (`tl.range`, `NUM_STAGES`): block-table entries two tiles ahead, K/V in two-slot
 shared buffers, so the next tile's copies are in flight during the current tile's dots. Tiles and warps per
 architecture: `kernel_variant`.
@@ -38,6 +39,8 @@ from .utils import HAS_TRITON, dot_fp32, dot_precision, kv_group, next_power_of_
 
 _NO_WINDOW = 1 << 30  # window_left=None: larger than any context, still an int32
 _DEFAULT_SMS = 132  # H100 SXM: the split-K heuristic's SM count where no CUDA device says otherwise
+ALL_ROWS, DECODE_ROWS, PREFILL_ROWS = 0, 1, 2  # the kernel's ROWS: which sequences a launch serves
+FA_CLASS_ROWS = 128  # tiles of this many rows (Hopper prefill) are FA-class: 64-key tiles, one program per SM
 
 
 @triton.jit
@@ -76,6 +79,7 @@ def _paged_attention_kernel(
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    ROWS: tl.constexpr,  # ALL_ROWS, DECODE_ROWS (sequences with one query) or PREFILL_ROWS (the others)
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -86,6 +90,12 @@ def _paged_attention_kernel(
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:  # the grid is sized for the longest sequence
         return
+    if ROWS == 1:  # a mixed batch's decode launch: the other sequences are the prefill launch's
+        if q_len != 1:
+            return
+    if ROWS == 2:
+        if q_len == 1:
+            return
     ctx_len = tl.load(seq_lens_ptr + seq) - q_len  # keys cached before this step
 
     # Row r of the tile is query (r // GROUP_P2) of the tile and query head (r % GROUP_P2) of this KV head.
@@ -173,15 +183,23 @@ def _merge_splits_kernel(
     part_acc_ptr,
     part_ml_ptr,
     out_ptr,
+    query_start_loc_ptr,
     num_heads,
     stride_ot,
     stride_oh,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_P2: tl.constexpr,
+    PER_SEQUENCE: tl.constexpr,  # one program per sequence (its one query if it has one, else nothing): mixed batches
 ):
     # out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s; empty splits have m_s = -inf.
-    token = tl.program_id(0).to(tl.int64)
+    if PER_SEQUENCE:
+        q_start = tl.load(query_start_loc_ptr + tl.program_id(0))
+        if tl.load(query_start_loc_ptr + tl.program_id(0) + 1) - q_start != 1:
+            return
+        token = q_start.to(tl.int64)
+    else:
+        token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P2)
     split_valid = splits < NUM_SPLITS
@@ -225,7 +243,7 @@ def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len:
     `arch` is the device's compute capability as 10 * major + minor (`device_arch`; None: no CUDA device, taken as
     Hopper). Tiles are chosen by what Triton 3.6 (the GPU machines') and 3.9 (the engines') compile for sm_80 /
     sm_90 (tests/test_kernels_compile.py, the "Compiled variants" table of docs/performance.md: no spills, >= 25 %
-    occupancy), not by GPU timings:
+    occupancy except the FA-class tiles), not by GPU timings:
 
     - Every tile walks its keys in a `tl.range` loop with `NUM_STAGES` 5. Each key tile takes two dependent loads
       (block-table entries, then K/V through them); Triton's pipeliner divides the stages between the two levels,
@@ -233,10 +251,15 @@ def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len:
       K/V copies (cp.async) are in flight while the current tile's dots run.
     - Up to 16 rows (decode, short chunks): 4 warps, 32-key tiles (the double-buffered K/V is 32 KiB, so four
       programs fit on an A100 SM).
-    - More rows on Hopper (sm_90+): up to 128 rows with 8 warps (two warpgroups) and 16-key tiles.
-    - More rows elsewhere (sm_80): 32 rows with 8 warps and 16-key tiles (64 rows took 160+ registers at 8 warps
-      and 240+ at 4).
-    - Why 16 keys above 16 rows: with 32-key tiles Triton 3.6's ptxas needs 142 registers for 32 rows x 8 warps in
+    - Prefill on Hopper (sm_90+) from 128 rows: an FA-class tile, 128 rows x 64 keys with 8 warps (two
+      warpgroups), one program per SM (179-185 registers on Triton 3.6, 197-214 on 3.9, no spills, 128.5 KiB of
+      shared memory for the two-slot K/V buffers). Gated on spills and shared memory, not occupancy: the reviewer's
+      count had the 128 x 16 tile it replaces issuing 3.5-4.5x the instructions per FLOP. 3 or 4 stages would save
+      shared memory but lose the two-deep pipeline (the loop then waits for every copy).
+    - 32 and 64 rows on Hopper, and up to 32 rows elsewhere (sm_80): 8 warps and 16-key tiles, >= 25 % occupancy
+      (on sm_80 64 rows took 160+ registers at 8 warps and 240+ at 4; 128 x 32 with 8 warps compiles without spills
+      at 189-196 registers, the FA-class candidate there, not taken without a GPU timing).
+    - Why 16 keys for those: with 32-key tiles Triton 3.6's ptxas needs 142 registers for 32 rows x 8 warps in
       vLLM's layout (sm_80 and sm_90) and spills 4 B in SGLang's page-1 layout on sm_80, past the 128 registers
       that two 8-warp programs per SM allow; 16-key tiles take 124-126 on 3.6 and 102-116 on 3.9.
     """
@@ -248,8 +271,9 @@ def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len:
         span = max_seq_len if window_left is None else min(max_seq_len, window_left + 1)
         num_splits = _decode_splits(batch, num_kv_heads, span, sms)
     block_m = max(16, block_q * group_p2)  # tl.dot: >= 16 rows
+    block_n = 32 if block_m <= 16 else 64 if block_m >= FA_CLASS_ROWS else 16
     return {"GROUP_P2": group_p2, "BLOCK_Q": block_q, "BLOCK_M": block_m, "NUM_SPLITS": num_splits,
-            "BLOCK_N": 32 if block_m <= 16 else 16, "NUM_STAGES": 5, "num_warps": 4 if block_m <= 16 else 8}
+            "BLOCK_N": block_n, "NUM_STAGES": 5, "num_warps": 4 if block_m <= 16 else 8}
 
 
 @functools.cache
@@ -268,7 +292,9 @@ def paged_attention_triton(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     """Launch the paged attention kernel (see the module docstring for layouts).
 
     `max_query_len` / `max_seq_len` are the engines' metadata values; when None they are read from the device
-    tensors (a host sync). `num_splits` forces the split-K factor; by default only decode steps split.
+    tensors (a host sync). By default decode steps split the key range (split-K), and a batch with longer
+    sequences launches twice where `max_seq_len` is given: the one-query sequences on the decode tile with split-K,
+    the others on the prefill tile. `num_splits` forces the split-K factor and one launch for every sequence.
     """
     assert HAS_TRITON, "paged_attention_triton needs triton"
     num_tokens, num_heads, head_dim = q.shape
@@ -290,39 +316,59 @@ def paged_attention_triton(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     if max_seq_len is None and max_query_len == 1:
         max_seq_len = int(seq_lens.max())
     device_index = q.device.index if q.is_cuda else None
-    variant = kernel_variant(batch, num_heads, num_kv_heads, max_query_len, max_seq_len or 0, window_left,
-                             num_sms(device_index), device_arch(device_index))
-    group_p2, block_q, block_m = variant["GROUP_P2"], variant["BLOCK_Q"], variant["BLOCK_M"]
-    if num_splits is None:
-        num_splits = variant["NUM_SPLITS"]
-    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+    sms, arch = num_sms(device_index), device_arch(device_index)
+    variant = kernel_variant(batch, num_heads, num_kv_heads, max_query_len, max_seq_len or 0, window_left, sms, arch)
+    args = (q, key_cache, value_cache, block_table, seq_lens, query_start_loc, out, scale,
+            window_left if window_left is not None else _NO_WINDOW, group, head_dim, page_size)
+    if num_splits is None and max_query_len > 1 and max_seq_len is not None:
+        # a mixed batch (vLLM passes its static max_model_len): sequences with one query take the decode tile with
+        # its split-K, the others the prefill tile; each launch skips the other's rows. Without max_seq_len
+        # (SGLang's extend batches) one launch: the split count would need a host sync, and Triton 3.9 spills the
+        # unsplit decode tile in SGLang's page-1 layout when it skips rows (20 B on sm_90).
+        decode = kernel_variant(batch, num_heads, num_kv_heads, 1, max_seq_len, window_left, sms, arch)
+        _launch(*args, decode, decode["NUM_SPLITS"], DECODE_ROWS, 1)
+        _launch(*args, variant, 1, PREFILL_ROWS, max_query_len)
+    else:
+        if num_splits is None:
+            num_splits = variant["NUM_SPLITS"]
+        assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+        _launch(*args, variant, num_splits, ALL_ROWS, max_query_len)
+    return out
 
+
+def _launch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor, scale: float, window: int,
+            group: int, head_dim: int, page_size: int, variant: dict[str, int], num_splits: int, rows: int,
+            max_query_len: int) -> None:
+    """One launch of the attention kernel over the sequences `rows` selects, then the split-K merge if split."""
+    num_tokens, num_heads, _ = q.shape
+    batch, num_kv_heads = seq_lens.shape[0], key_cache.shape[2]
     if num_splits > 1:
         part_acc = torch.empty((num_tokens, num_heads, num_splits, head_dim), device=q.device, dtype=torch.float32)
         part_ml = torch.empty((num_tokens, num_heads, num_splits, 2), device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out  # not touched when NUM_SPLITS == 1
-    grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
+    grid = (batch, triton.cdiv(max_query_len, variant["BLOCK_Q"]), num_kv_heads * num_splits)
     _paged_attention_kernel[grid](
         q, key_cache, value_cache, block_table, seq_lens, query_start_loc, out, part_acc, part_ml,
-        scale,
-        window_left if window_left is not None else _NO_WINDOW, num_heads,
+        scale, window, num_heads,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=variant["BLOCK_N"], NUM_SPLITS=num_splits,
+        GROUP=group, GROUP_P2=variant["GROUP_P2"], HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_Q=variant["BLOCK_Q"], BLOCK_M=variant["BLOCK_M"], BLOCK_N=variant["BLOCK_N"], NUM_SPLITS=num_splits,
         DOT_FP32=dot_fp32(q.dtype),
-        DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=variant["NUM_STAGES"],
+        DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=variant["NUM_STAGES"], ROWS=rows,
         num_warps=variant["num_warps"], num_stages=variant["NUM_STAGES"],
     )  # fmt: skip
     if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_heads)](
-            part_acc, part_ml, out, num_heads, out.stride(0), out.stride(1),
+        per_sequence = rows == DECODE_ROWS  # a mixed batch: merge only the one-query sequences' tokens
+        _merge_splits_kernel[(batch if per_sequence else num_tokens, num_heads)](
+            part_acc, part_ml, out, query_start_loc, num_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
+            PER_SEQUENCE=per_sequence,
         )  # fmt: skip
-    return out
 
 
 def paged_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
