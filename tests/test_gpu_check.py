@@ -270,6 +270,13 @@ def test_verdicts_are_per_op_and_phase():
     assert all(got["relu2"][phase]["verdict"] == "engine" for phase in ("decode", "prefill")), "no relu2 rows"
 
 
+def test_verdicts_are_keyed_as_measured_faster():
+    from cognica_kernels import dispatch
+
+    got = _gpu_check().verdicts({"name": "NVIDIA H100 80GB HBM3"}, [])
+    assert {op: set(got[op]) for op in dispatch.OPS} == {op: set(dispatch.MEASURED_FASTER[op]) for op in dispatch.OPS}
+
+
 def test_rows_reach_the_json_as_each_finishes(tmp_path):
     gc = _gpu_check()
     path = tmp_path / "compare.json"
