@@ -31,7 +31,6 @@ import torch
 
 pytestmark = pytest.mark.sglang_gpu_path
 
-from cognica.factory import make_checkpoint  # noqa: E402
 from cognica.model import load_reference  # noqa: E402
 from tests.sglang_utils import check_parity, random_prompt  # noqa: E402
 
@@ -48,13 +47,8 @@ TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0, tokenizer=False, progress=False)
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return load_reference(ckpt, dtype=torch.float32)
+def ref(tiny_ckpt):
+    return load_reference(tiny_ckpt, dtype=torch.float32)
 
 
 def serve_plan(ckpt: Path, kernels: str) -> tuple[dict, str]:
@@ -78,8 +72,8 @@ def serve_plan(ckpt: Path, kernels: str) -> tuple[dict, str]:
 
 
 @pytest.mark.parametrize("kernels", ["engine", "auto"], ids=["sglang-decode", "plugin-decode"])
-def test_triton_backend_on_the_swa_pool_matches_reference(ckpt, ref, kernels):
-    result, log = serve_plan(ckpt, kernels)
+def test_triton_backend_on_the_swa_pool_matches_reference(tiny_ckpt, ref, kernels):
+    result, log = serve_plan(tiny_ckpt, kernels)
     assert tuple(result["attention_backends"]) == ("triton", "triton"), result["attention_backends"]
     assert "sliding window memory pool" in log.lower() and not result["disable_hybrid_swa_memory"], (
         "the hybrid SWA KV pool must be on (the GPU path); the engine's log says otherwise"
