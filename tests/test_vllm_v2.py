@@ -30,7 +30,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 
 from tests.vllm_utils import answer, generate, preemptions, prompt_logprobs  # noqa: E402
-from tests.vllm_v2_utils import attention_impls, kv_cache_groups, model_runner_class  # noqa: E402
+from tests.vllm_v2_utils import attention_impls, close, kv_cache_groups, model_runner_class  # noqa: E402
 
 pytestmark = pytest.mark.vllm_v2  # the scripts/test.sh step(s) that run this file
 
@@ -51,6 +51,7 @@ def llm(tiny_ckpt: Path):
                  enable_prefix_caching=True, max_num_seqs=16, num_gpu_blocks_override=POOL_BLOCKS,
                  disable_log_stats=False, skip_tokenizer_init=True)  # stats on: the preemption counter
     yield engine
+    close(engine)
     del engine
     gc.collect()
 
@@ -97,15 +98,16 @@ def test_prefix_cache_hit_then_decode_matches_reference(llm, ref):
 
 
 def test_preempted_requests_match_reference(llm, ref):
-    """16 requests of 28-31 tokens hold one block in each of the 4 groups (64 of 66); decoding past token 32 they all
-    need a second one: vLLM preempts some, recomputes them, and every answer still equals the reference."""
-    prompts = random_prompts([28 + i % 4 for i in range(16)], seed=310)
+    """16 requests of 31 tokens, each holding one block in each of the 4 groups until its second decode step needs
+    a second: admitted while blocks are free, they outgrow the pool before the first ones finish, so vLLM preempts
+    some, recomputes them, and every answer still equals the reference."""
+    prompts = random_prompts([31] * 16, seed=310)
     before = preemptions(llm)
-    outs = generate(llm, prompts, 6)
+    outs = generate(llm, prompts, NEW)
     preempted = [i for i, o in enumerate(outs) if o.metrics.num_preemptions > 0]
     assert preemptions(llm) - before >= 1 and preempted, \
         f"no preemption with {POOL_BLOCKS} blocks: the scenario no longer exercises recompute"
     for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
         tokens, logprobs = answer(out)
         assert_fp32_parity(ref, prompt, tokens, logprobs, f"V2, request {i}"
-                           f"{' (preempted)' if i in preempted else ''}", n_new=6)
+                           f"{' (preempted)' if i in preempted else ''}", n_new=NEW)

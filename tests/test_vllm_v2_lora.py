@@ -27,6 +27,7 @@ from vllm import LLM  # noqa: E402  (after the env defaults above)
 from vllm.lora.request import LoRARequest  # noqa: E402
 
 from tests.vllm_utils import answer, greedy  # noqa: E402
+from tests.vllm_v2_utils import close  # noqa: E402
 
 pytestmark = pytest.mark.vllm_v2  # the scripts/test.sh step(s) that run this file
 
@@ -51,6 +52,7 @@ def llm(tiny_ckpt: Path):
                  enable_prefix_caching=True, max_num_seqs=4, enable_lora=True, max_loras=3, max_cpu_loras=4,
                  max_lora_rank=RANK, skip_tokenizer_init=True)
     yield engine
+    close(engine)
     del engine
     gc.collect()
 

@@ -29,7 +29,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 
 from tests.vllm_utils import run  # noqa: E402
-from tests.vllm_v2_utils import kv_cache_groups  # noqa: E402
+from tests.vllm_v2_utils import close, kv_cache_groups  # noqa: E402
 
 pytestmark = pytest.mark.vllm_v2  # the scripts/test.sh step(s) that run this file
 
@@ -66,6 +66,7 @@ class EngineSlot:
 
     def close(self) -> None:
         if self.llm is not None:
+            close(self.llm)
             del self.llm
             self.llm, self.name = None, None
             gc.collect()

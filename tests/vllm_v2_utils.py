@@ -31,3 +31,11 @@ def attention_impls(llm: LLM) -> list[str]:
     return sorted({name for names in llm.apply_model(
         lambda m: [type(mod.impl).__name__ for mod in m.modules() if hasattr(mod, "impl") and hasattr(mod, "kv_cache")])
         for name in names})
+
+
+def close(llm: LLM) -> None:
+    """Shut the in-process engine down now (`InprocClient.shutdown`, which detaches its finalizer, so it runs once).
+    Left to garbage collection, an engine still referenced (say by a failed test's traceback) is shut down later, and
+    its executor's shutdown (`UniProcExecutor.shutdown` -> `destroy_model_parallel`) then tears down the parallel
+    groups of whichever engine this process runs by then."""
+    llm.llm_engine.engine_core.shutdown()
