@@ -19,10 +19,12 @@ if __name__ == "__main__":
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
     args = ap.parse_args()
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32", max_model_len=1024, block_size=32, seed=0,
               gpu_memory_utilization=0.3, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
-              distributed_executor_backend="mp" if args.tp * args.pp > 1 else None, max_num_batched_tokens=64)
+              distributed_executor_backend="mp" if args.tp * args.pp > 1 else None, max_num_batched_tokens=64,
+              enforce_eager=args.eager)
     sp = SamplingParams(max_tokens=args.new, temperature=0, logprobs=0, ignore_eos=True, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in json.loads(args.prompts)], sp, use_tqdm=False)
     result = [[list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs, strict=True)]]
