@@ -32,11 +32,6 @@ def supported_vllm(version: str) -> bool:
     return bool(m) and (int(m[1]), int(m[2])) >= FIRST_VLLM
 
 
-def old_vllm_message(version: str) -> str:
-    return (f"cognica: speculative method '{METHOD}' needs vLLM >= 0.34 (this is {version}); on older vLLM use "
-            f"'draft_model' with the same checkpoint directory as the draft model")
-
-
 def is_self_spec(vllm_config) -> bool:
     spec = vllm_config.speculative_config
     return spec is not None and getattr(spec, "custom_method", None) == METHOD
@@ -75,8 +70,9 @@ def refusals(vllm_config) -> list[str]:
 
 
 def register() -> None:
-    """Called by `cognica_vllm.register()`; a no-op before vLLM 0.34 (vLLM's own config validation then rejects the
-    method name, listing `draft_model`)."""
+    """Called by `cognica_vllm.register()`; a no-op before vLLM 0.34, where no plugin hook runs before vLLM's own
+    validation of `SpeculativeConfig.method` (a pydantic Literal in 0.32) refuses the name, listing `draft_model`
+    among the methods it knows."""
     import vllm
 
     if not supported_vllm(vllm.__version__):

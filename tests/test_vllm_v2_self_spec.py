@@ -28,6 +28,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm import LLM  # noqa: E402  (after the env defaults above)
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 
 from tests.vllm_utils import answer, generate, preemptions  # noqa: E402
 
@@ -83,6 +84,40 @@ def close(llm: LLM) -> None:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_poe(tmp_path_factory.mktemp("self_spec") / "poe")
+
+
+def refusal_line(error: Exception) -> str:
+    """The plugin's one-line refusal (pydantic wraps `VllmConfig.__post_init__`'s ValueError in its report)."""
+    lines = [line for line in str(error).splitlines() if "cognica" in line]
+    assert len(lines) == 1, f"expected the refusal on one line: {error}"
+    return lines[0]
+
+
+def engine_config(ckpt: Path, **kw):
+    """vLLM's config as `EngineArgs.create_engine_config` builds it in the first process (no worker starts)."""
+    args = {k: v for k, v in ENGINE.items() if k not in ("seed", "disable_log_stats")}
+    return EngineArgs(**{**args, "model": str(ckpt), **kw}).create_engine_config()
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=1"),
+    ({"enable_lora": True}, "--enable-lora"),
+    ({"hf_overrides": {"poe_draft_stage": 4}}, "poe_draft_stage=4 is not a stage prefix shallower"),
+], ids=["pipeline-parallel", "lora", "stage-as-deep-as-the-target"])
+def test_unsupported_settings_are_refused_in_the_first_process_with_one_line(ckpt, kw, words):
+    with pytest.raises(ValueError, match="speculative method 'cognica_self' does not support") as e:
+        engine_config(ckpt, speculative_config=self_spec(2), **kw)
+    assert words in refusal_line(e.value), f"the refusal should name {words!r}: {e.value}"
+
+
+def test_a_bp_checkpoint_is_refused_without_poe_force_and_accepted_with_it(tmp_path: Path):
+    bp = make_checkpoint(tmp_path / "bp", preset="tiny", seed=5, tokenizer=False, progress=False, n_layer=8,
+                         poe_every=2)
+    with pytest.raises(ValueError, match="poe_mode='none'.*poe_force") as e:
+        engine_config(bp, speculative_config=self_spec(2))
+    assert "poe_force" in refusal_line(e.value)
+    config = engine_config(bp, speculative_config=self_spec(2), hf_overrides={"poe_force": True})
+    assert config.speculative_config.custom_method == "cognica_self"
 
 
 @pytest.fixture(scope="module")
