@@ -1,4 +1,4 @@
-"""Checkpoint layout: the one name table, header validation before any allocation, lazy reads.
+"""Checkpoint layout: header validation before any allocation, names checked against `cognica.names`, lazy reads.
 
 Published layout: `model.safetensors` (or `*.safetensors` shards with `model.safetensors.index.json`)
 holding nanochat's native tensor names, possibly under a wrapper prefix (`model.`, `_orig_mod.`).
@@ -20,13 +20,19 @@ from pathlib import Path
 
 import torch
 
-from cognica.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig, ConfigError
+from cognica.config import CognicaConfig, ConfigError
+from cognica.names import IGNORABLE as IGNORABLE  # re-exported: the name table's home is cognica.names
+from cognica.names import SCALAR_NAMES as SCALAR_NAMES
+from cognica.names import WRAPPER_PREFIXES as WRAPPER_PREFIXES
+from cognica.names import CheckpointError as CheckpointError
+from cognica.names import canonical_name as canonical_name
+from cognica.names import expected_tensors as expected_tensors
+from cognica.names import mismatch_problems
+from cognica.names import padded_vocab as padded_vocab
+from cognica.quantization import quantization_layout
 
 logger = logging.getLogger(__name__)
 
-WRAPPER_PREFIXES = ("model.", "_orig_mod.", "module.")
-# Buffers some exporters save; never weights of the architecture.
-IGNORABLE = frozenset({"cos", "sin", "transformer.cos", "transformer.sin"})
 SAFETENSORS_DTYPES = {
     "BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2), "F32": (torch.float32, 4), "F64": (torch.float64, 8),
     "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "I16": (torch.int16, 2), "I32": (torch.int32, 4),
@@ -36,54 +42,6 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-VOCAB_PAD = 64  # nanochat pads the vocab rows to a multiple of 64
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the architecture; the message names the tensor or file."""
-
-
-def canonical_name(name: str) -> str:
-    """Strip any wrapper prefixes: `model._orig_mod.transformer.wte.weight` -> `transformer.wte.weight`."""
-    changed = True
-    while changed:
-        changed = False
-        for p in WRAPPER_PREFIXES:
-            if name.startswith(p):
-                name, changed = name[len(p):], True
-    return name
-
-
-def padded_vocab(cfg: CognicaConfig) -> int:
-    return -(-cfg.vocab_size // VOCAB_PAD) * VOCAB_PAD
-
-
-def expected_tensors(cfg: CognicaConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical (nanochat) name -> shape, for every tensor of the architecture."""
-    d, v, kv = cfg.n_embd, padded_vocab(cfg), cfg.kv_dim
-    out: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, d)}
-    for i in range(cfg.n_layer):
-        p = f"transformer.h.{i}"
-        out[f"{p}.attn.c_q.weight"] = (cfg.n_head * cfg.head_dim, d)
-        out[f"{p}.attn.c_k.weight"] = (kv, d)
-        out[f"{p}.attn.c_v.weight"] = (kv, d)
-        out[f"{p}.attn.c_proj.weight"] = (d, cfg.n_head * cfg.head_dim)
-        if i in cfg.ve_layers:
-            out[f"{p}.attn.ve_gate.weight"] = (cfg.n_kv_head, VE_GATE_CHANNELS)
-        out[f"{p}.mlp.c_fc.weight"] = (cfg.mlp_hidden, d)
-        out[f"{p}.mlp.c_proj.weight"] = (d, cfg.mlp_hidden)
-    for i in cfg.ve_layers:
-        out[f"value_embeds.{i}.weight"] = (v, kv)
-    out["lm_head.weight"] = (v, d)
-    out["resid_lambdas"] = (cfg.n_layer,)
-    out["x0_lambdas"] = (cfg.n_layer,)
-    out["smear_gate.weight"] = (1, SMEAR_CHANNELS)
-    out["smear_lambda"] = (1,)
-    out["backout_lambda"] = (1,)
-    return out
-
-
-SCALAR_NAMES = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
 
 
 @dataclass(frozen=True)
@@ -274,8 +232,6 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 def validate_entries(cfg: CognicaConfig, stored: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
     """Map stored names to canonical ones and compare with the table (plus the tensors config.json's
     quantization_config adds); raise listing every problem."""
-    from cognica.quantization import quantization_layout  # it reads this module's name table
-
     quant = quantization_layout(cfg)
     expected = {**expected_tensors(cfg), **{n: shapes[0] for n, (shapes, _) in quant.extras.items()}}
     entries: dict[str, TensorEntry] = {}
@@ -292,15 +248,7 @@ def validate_entries(cfg: CognicaConfig, stored: dict[str, TensorEntry]) -> dict
             problems.append(f"tensor {canon!r} stored twice (as {entries[canon].name!r} and {name!r})")
             continue
         entries[canon] = e
-    missing = [n for n in expected if n not in entries]
-    if missing:
-        more = " ..." if len(missing) > 8 else ""
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{more}")
-    if unknown:
-        problems.append(
-            f"unexpected tensor(s) not in the architecture: {', '.join(sorted(unknown)[:8])}"
-            f"{' ...' if len(unknown) > 8 else ''}"
-        )
+    problems += mismatch_problems([n for n in expected if n not in entries], unknown)
     for canon, e in entries.items():
         if canon in quant.extras:
             shapes, kind = quant.extras[canon]

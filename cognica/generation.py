@@ -1,4 +1,6 @@
-"""`generate()` of the transformers-facing reference model (`cognica.hf.CognicaPoEForCausalLM`).
+"""Decoding, as nanochat keeps it in engine.py beside the model: the KV cache (`KVCache`), sampling (`sample`), the
+decoding loop (`decode`) of both reference models, and `generate()` of the transformers-facing one
+(`cognica.hf.CognicaPoEForCausalLM`).
 
 KV-cache decoding on `cognica.model.CognicaGPT` with transformers' own semantics for what it supports: greedy or
 sampling (`do_sample`, `temperature`, `top_k`, `top_p`), `repetition_penalty`, `max_new_tokens` / `max_length`,
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +40,32 @@ _NONE_MEANS = {"num_beams": 1, "num_return_sequences": 1, "num_beam_groups": 1, 
 _OFF_ARGUMENTS = frozenset({"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                             "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
                             "custom_generate", "assistant_tokenizer", "use_model_defaults", "tokenizer"})
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values [B, H_kv, T, D] plus the smear state: the last token's normed embedding; after a
+    padded forward also which cached keys are real tokens ([B, T] bool)."""
+
+    k: list[torch.Tensor | None]
+    v: list[torch.Tensor | None]
+    pos: int = 0
+    prev_embedding: torch.Tensor | None = field(default=None)
+    key_valid: torch.Tensor | None = field(default=None)
+
+    @classmethod
+    def empty(cls, n_layer: int) -> KVCache:
+        return cls([None] * n_layer, [None] * n_layer)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
 
 
 def _unchanged(key: str, value: Any, default: Any) -> bool:
@@ -121,8 +150,6 @@ def decode(gpt: Any, input_ids: torch.Tensor, max_new: int,
     prompt ids (left-padded where `attention_mask` is 0) -> [B, T + new] ids; `pick(ids so far, last logits)`
     chooses each next token; a row that produced a stop id is padded with `pad` from then on, and the loop ends when
     every row has stopped. `gpt` is a `cognica.model.CognicaLayout` (the reference or the transformers class)."""
-    from cognica.model import KVCache
-
     ids = input_ids.to(gpt.lm_head.weight.device)
     cache = KVCache.empty(gpt.arch.n_active_layers)
     if attention_mask is not None:

@@ -28,7 +28,8 @@ from cognica.config import (
     ROPE_BASE,
     CognicaConfig,
 )
-from cognica.model import CognicaLayout, Gate, KVCache
+from cognica.generation import KVCache
+from cognica.model import CognicaLayout, Gate
 
 logger = logging.getLogger(__name__)
 # the CognicaConfig fields kept as attributes (the PoE stage options included) and read back by `to_cognica`
@@ -188,7 +189,7 @@ class CognicaPoEForCausalLM(CognicaLayout, PreTrainedModel):
         """transformers' causal-LM forward. `attention_mask` (1 = token, 0 = padding; left or right padding) makes
         each row equal its tokens alone; `labels` gives the mean shifted cross-entropy over labels != -100 (or the
         sum / `num_items_in_batch`, as Trainer passes it) on the soft-capped fp32 logits. `past_key_values` is a
-        `cognica.model.KVCache` this model filled (none is made unless one is passed). Position ids follow from the
+        `cognica.generation.KVCache` this model filled (none is made unless one is passed). Position ids follow from the
         mask (`position_ids` / `cache_position`, which transformers may pass, must agree with it: they are not read).
         """
         if input_ids is None:
@@ -198,7 +199,8 @@ class CognicaPoEForCausalLM(CognicaLayout, PreTrainedModel):
             raise ValueError("CognicaPoEForCausalLM: inputs_embeds, output_attentions and output_hidden_states are "
                              "not supported (the logits and the loss are)")
         if past_key_values is not None and not isinstance(past_key_values, KVCache):
-            raise ValueError(f"past_key_values must be a cognica.model.KVCache, got {type(past_key_values).__name__}")
+            raise ValueError("past_key_values must be a cognica.generation.KVCache, got "
+                             f"{type(past_key_values).__name__}")
         logits = self.forward_logits(input_ids, past_key_values, attention_mask)
         loss = None
         if labels is not None:

@@ -21,7 +21,7 @@ The module tree and forward live in `CognicaLayout`, which the transformers clas
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -30,22 +30,7 @@ import torch.nn.functional as F
 from cognica import layers
 from cognica.checkpoint import open_checkpoint, padded_vocab
 from cognica.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
-
-
-@dataclass
-class KVCache:
-    """Per-layer keys/values [B, H_kv, T, D] plus the smear state: the last token's normed embedding; after a
-    padded forward also which cached keys are real tokens ([B, T] bool)."""
-
-    k: list[torch.Tensor | None]
-    v: list[torch.Tensor | None]
-    pos: int = 0
-    prev_embedding: torch.Tensor | None = field(default=None)
-    key_valid: torch.Tensor | None = field(default=None)
-
-    @classmethod
-    def empty(cls, n_layer: int) -> KVCache:
-        return cls([None] * n_layer, [None] * n_layer)
+from cognica.generation import KVCache, decode, sample
 
 
 @dataclass(frozen=True)
@@ -241,8 +226,6 @@ class CognicaGPT(CognicaLayout, nn.Module):
             return [self.generate([p], max_new_tokens, temperature, top_k, seed, stop_ids)[0] for p in prompts]
         if not prompts or not prompts[0]:
             raise ValueError("generate needs at least one non-empty prompt")
-        from cognica.generation import decode
-
         gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
         ids = decode(self, torch.tensor(prompts), max_new_tokens, lambda _, logits: sample(logits, temperature, top_k,
                      gen), torch.tensor(stop_ids, dtype=torch.long), pad=0)
@@ -258,16 +241,6 @@ class CognicaGPT(CognicaLayout, nn.Module):
         x = torch.tensor([ids], device=self.lm_head.weight.device)
         lp = torch.log_softmax(self(x)[0, :-1], dim=-1)
         return lp.gather(1, x[0, 1:, None])[:, 0].tolist()
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
 
 
 def load_reference(

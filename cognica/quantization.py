@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cognica.checkpoint import CheckpointError, canonical_name, expected_tensors
 from cognica.config import CognicaConfig
+from cognica.names import CheckpointError, canonical_name, expected_tensors
 
 # Pre-quantized checkpoints: config.json's `quantization_config` in the compressed-tensors format llm-compressor
 # writes ("int-quantized" / "float-quantized"), 8-bit weights (int8 or fp8) per channel or per tensor, input

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from cognica.checkpoint import IGNORABLE, CheckpointError, canonical_name, expected_tensors
 from cognica.config import CognicaConfig
+from cognica.names import IGNORABLE, CheckpointError, canonical_name, expected_tensors, mismatch_problems
 from cognica.quantization import quantization_layout
 
 # (fused parameter, nanochat projection, shard id): the QKV fusion both engines do (QKVParallelLinear)
@@ -88,11 +88,9 @@ def engine_weights(cfg: CognicaConfig, weights: Iterable[tuple[str, torch.Tensor
             yield engine_name(f"{module}.weight").removesuffix("weight") + suffix, tensor
         else:
             yield engine_name(name), tensor
-    missing = [n for n in expected if n not in seen]
-    if missing or unknown:
-        parts = [f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}"] if missing else []
-        parts += [f"unexpected tensor(s) not in the architecture: {', '.join(unknown[:8])}"] if unknown else []
-        raise CheckpointError(f"checkpoint is {'; '.join(parts)}")
+    problems = mismatch_problems([n for n in expected if n not in seen], unknown)
+    if problems:
+        raise CheckpointError(f"checkpoint is {'; '.join(problems)}")
 
 
 def load_parameters(params: Mapping[str, torch.nn.Parameter], weights: Iterable[tuple[str, torch.Tensor]],

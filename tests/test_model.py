@@ -10,7 +10,8 @@ import torch
 
 from cognica import layers
 from cognica.config import ROPE_BASE
-from cognica.model import CognicaGPT, KVCache, load_reference
+from cognica.generation import KVCache
+from cognica.model import CognicaGPT, load_reference
 
 pytestmark = pytest.mark.core  # the scripts/test.sh step(s) that run this file
 

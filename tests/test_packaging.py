@@ -56,3 +56,42 @@ def test_import_cognica_from_the_repo_root_leaves_pypi_kernels_to_transformers()
 def test_the_kernels_folder_is_not_a_package():
     assert not (REPO / "kernels" / "__init__.py").exists(), "kernels/ must stay no package: it would shadow PyPI's"
     assert (REPO / "kernels" / "cognica_kernels" / "__init__.py").exists()
+
+
+def cognica_import_graph() -> dict[str, set[str]]:
+    """Module -> the `cognica.*` modules it imports (at the top or inside a function), read from the sources."""
+    import ast
+
+    root = REPO / "cognica"
+    modules = {p.stem for p in root.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        me = "cognica" if path.stem == "__init__" else f"cognica.{path.stem}"
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "cognica":
+                deps |= {f"cognica.{a.name}" if a.name in modules else "cognica" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cognica."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] == "cognica"}
+        graph[me] = deps - {me}
+    return graph
+
+
+def test_the_core_modules_import_each_other_without_a_cycle():
+    graph = cognica_import_graph()
+    assert {"cognica.checkpoint", "cognica.quantization", "cognica.model", "cognica.generation"} <= graph.keys()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path[path.index(dep):], dep])}"
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
