@@ -20,16 +20,16 @@ computes the stage layers twice for every drafted token.
 
 from __future__ import annotations
 
-import re
-
 METHOD = "cognica_self"
-FIRST_VLLM = (0, 34)  # register_speculative_method (vllm/v1/worker/gpu/spec_decode/speculator_config.py)
+HOOK = "vllm.v1.worker.gpu.spec_decode.speculator_config"  # register_speculative_method: vLLM >= 0.34
 
 
-def supported_vllm(version: str) -> bool:
-    """vLLM's speculative-method hook exists from 0.34 on."""
-    m = re.match(r"(\d+)\.(\d+)", version)
-    return bool(m) and (int(m[1]), int(m[2])) >= FIRST_VLLM
+def has_speculator_hook() -> bool:
+    """Whether this vLLM has the speculative-method hook (0.34 added it; decided by the module, not the version
+    string)."""
+    from importlib.util import find_spec
+
+    return find_spec(HOOK) is not None
 
 
 def is_self_spec(vllm_config) -> bool:
@@ -73,9 +73,7 @@ def register() -> None:
     """Called by `cognica_vllm.register()`; a no-op before vLLM 0.34, where no plugin hook runs before vLLM's own
     validation of `SpeculativeConfig.method` (a pydantic Literal in 0.32) refuses the name, listing `draft_model`
     among the methods it knows."""
-    import vllm
-
-    if not supported_vllm(vllm.__version__):
+    if not has_speculator_hook():
         return
     from vllm.v1.worker.gpu.spec_decode.speculator_config import register_speculative_method
 
