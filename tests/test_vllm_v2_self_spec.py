@@ -77,7 +77,10 @@ def spec_counts(llm: LLM) -> tuple[int, int]:
 
 
 def close(llm: LLM) -> None:
-    del llm
+    """Shut the in-process engine down now (`InprocClient.shutdown` -> `EngineCore.shutdown`): left to a later garbage
+    collection, its `cleanup_dist_env_and_memory` ran while the next engine was serving and removed that engine's
+    model-parallel groups (seen: "pipeline model parallel group is not initialized" in the next generate)."""
+    llm.llm_engine.engine_core.shutdown()
     gc.collect()
 
 
