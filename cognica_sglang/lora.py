@@ -225,7 +225,7 @@ LORA_HOOKS = [
 def check_lora_server_args(view: Any) -> None:
     """First-process refusals for `--enable-lora` / `--lora-paths` (a failure in the scheduler only kills the
     engine): no CUDA driver (SGLang's LoRA layers pin host memory), and a Triton LoRA backend on CPU."""
-    from cognica_sglang import serves_on_cpu
+    from cognica_sglang.config_checks import serves_on_cpu
 
     if not serves_on_cpu(view.device):
         return

@@ -51,7 +51,7 @@ from cognica_sglang.attention import (
 )
 from cognica_sglang.cpu_linear import use_upcast_linear
 from cognica_sglang.lora import CognicaLoRAMixin
-from cognica_sglang.smear import SlotTokens, unsupported_modes
+from cognica_sglang.smear import SMEAR_WHY, SlotTokens, unsupported_modes
 
 logger = logging.getLogger(__name__)
 hf.register()  # the config class, also when loaded through SGLANG_EXTERNAL_MODEL_PACKAGE
@@ -216,11 +216,9 @@ class CognicaPoEForCausalLM(CognicaLoRAMixin, nn.Module):
         self.config = config  # SGLang reads the HF config off the model
         self.cfg = cfg = hf.cognica_config(config)
         args = get_server_args()
-        refused = unsupported_modes(args)
+        refused = unsupported_modes(args)  # refused in the first process (config_checks); a backstop
         if refused:
-            raise ValueError("cognica: smear reads the previous token from the KV slots this model's forwards "
-                             f"wrote; these settings fill KV slots another way and are not supported: "
-                             f"{'; '.join(refused)}")
+            raise ValueError(f"cognica: {SMEAR_WHY}: {'; '.join(refused)}")
         check_attention_backends(attention_backends())  # as resolved (the first process checked what the user named)
         context_len = getattr(args, "context_length", None) or cfg.sequence_len
         model_path = getattr(args, "model_path", None) or getattr(config, "_name_or_path", "")

@@ -37,7 +37,7 @@ def check_quantization(quant_config: Any, hf_config: Any, device: str | None = N
     qc = quant_config if quant_config is not None else getattr(hf_config, "quantization_config", None)
     if qc is None:
         return
-    from cognica_sglang import serves_on_cpu
+    from cognica_sglang.config_checks import serves_on_cpu
 
     if not serves_on_cpu(device):
         return

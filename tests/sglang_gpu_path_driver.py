@@ -12,7 +12,7 @@ What makes SGLang's CUDA path run here, and why (test tree only, never shipped):
 - `SGLANG_USE_CPU_ENGINE=1` and `tests/sgl_stub` on PYTHONPATH: SGLang's CPU engine, and a stand-in for the
   CUDA-only `sgl_kernel` wheel (its stubs raise if called; nothing in the triton backend calls one).
 - `device="cpu", attention_backend="triton"`: the plugin keeps the hybrid SWA pool for the triton backend on a CPU
-  (`cognica_sglang.keeps_swa_pool`); `disable_cuda_graph=True`: no graphs without CUDA.
+  (`cognica_sglang.config_checks.keeps_swa_pool`); `disable_cuda_graph=True`: no graphs without CUDA.
 The plan: each entry is a batch of token-id prompts sent together (greedy, logprobs from position 0), or
 `{"continues": [batch, request], "extra": ids}`: that earlier request's prompt and output followed by `extra`, with
 prompt log-probs from the last cached token on.

@@ -123,6 +123,8 @@ def test_backends_that_get_the_windows_wrong_are_refused_or_not_chosen(ckpt, mon
             declared(attention_backend=backend)
     with pytest.raises(ValueError, match="'aiter'"):
         declared(attention_backend="triton", decode_attention_backend="aiter")
+    with pytest.raises(ValueError, match="smear reads the previous token.*--speculative-algorithm EAGLE"):
+        declared(speculative_algorithm="EAGLE")  # refused in the first process, not in the scheduler
     assert declared() == {}, "NVIDIA: SGLang's own default (fa3, flashinfer, trtllm_mha) is kept"
     monkeypatch.setattr(runtime_context, "get_platform", lambda: SimpleNamespace(is_hip=True))
     assert declared() == {"attention_backend": "triton"}, "ROCm: triton instead of SGLang's default aiter"

@@ -149,10 +149,12 @@ def test_lora_is_refused_in_the_first_process_where_sglang_cannot_pin_memory(ckp
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA driver is present: SGLang pins host memory")
-    code = ("import types, cognica_sglang\nfrom cognica.hf import register\nfrom transformers import AutoConfig\n"
+    code = ("import types, cognica_sglang.config_checks\nfrom cognica.hf import register\n"
+            "from transformers import AutoConfig\n"
             f"register()\nconfig = AutoConfig.from_pretrained({str(ckpt)!r})\n"
             "args = types.SimpleNamespace(device='cpu', enable_lora=True, lora_paths=None, lora_backend='torch_native',"
-            " is_embedding=False)\ncognica_sglang._check_stage_options(args, config)\n")
+            " is_embedding=False, attention_backend='torch_native', prefill_attention_backend=None,"
+            " decode_attention_backend=None)\ncognica_sglang.config_checks.check_server_args(args, config)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if "no_pin" not in p)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
