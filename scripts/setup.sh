@@ -63,7 +63,7 @@ sys.exit(0 if version('$(vllm_dist)') == '$(vllm_version)' else 1)" 2>/dev/null;
   install_self vllm
   .venv/vllm/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('peft') != '$PEFT_VERSION')" \
     2>/dev/null || .venv/vllm/bin/pip install -q "peft==$PEFT_VERSION"
-  # Triton 3.6.0, the GPU machines' version, beside the venv's own for the second compile check of scripts/test.sh
+  # Triton 3.6.0 (torch 2.11's, the one scripts/gpu_check.sh targets), beside the venv's own for the second compile check of scripts/test.sh
   # (PYTHONPATH=.venv/triton36 puts it ahead of the venv's Triton; tests/test_kernels_compile.py)
   if [ ! -f .venv/triton36/triton-3.6.0.dist-info/METADATA ]; then
     echo "[setup] installing triton==3.6.0 into .venv/triton36"

@@ -23,7 +23,7 @@ step core .venv/vllm/bin/python -m pytest -q -m core tests
 # the interpreter must be chosen before triton is imported, so the kernel tests get their own process
 step kernels env TRITON_INTERPRET=1 .venv/vllm/bin/python -m pytest -q -m kernels tests
 step kernels-compile .venv/vllm/bin/python -m pytest -q -m kernels_compile tests
-# the same compile check on Triton 3.6.0, the GPU machines' version (.venv/triton36 from scripts/setup.sh)
+# the same compile check on Triton 3.6.0, torch 2.11's, which scripts/gpu_check.sh targets (.venv/triton36 from scripts/setup.sh)
 step kernels-compile-triton36 env PYTHONPATH=.venv/triton36 COGNICA_TRITON_VERSION=3.6.0 .venv/vllm/bin/python -m pytest \
   -q -m kernels_compile tests
 # scripts/gpu_check.sh --dry-run (the GPU check's steps at tiny shapes on CPU, Triton interpreted)
