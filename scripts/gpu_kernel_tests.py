@@ -3,8 +3,8 @@
     python scripts/gpu_kernel_tests.py --out OUT/kernel_tests.json [--runner auto|pytest|builtin] [-k EXPR]
                                        [--file tests/test_kernels.py]
 
-With pytest importable (`--runner auto`, the default) this is `pytest tests/test_kernels.py`. The GPU machines
-lent to this project may not have pytest and cannot install it (no network), so without it the builtin runner
+With pytest importable (`--runner auto`, the default) this is `pytest tests/test_kernels.py`. A GPU machine
+without network may not have pytest and cannot install it, so without it the builtin runner
 imports the test module itself and calls every test function: it implements exactly what test_kernels.py uses
 (`pytest.mark.parametrize` with ids, stacked; autouse fixtures; the `monkeypatch` argument) and raises on any
 other pytest feature, so a test that starts using one fails here loudly instead of being skipped. `-k` keeps the
