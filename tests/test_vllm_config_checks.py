@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vllm.engine.arg_utils import EngineArgs
 
-from cognica.factory import make_checkpoint
+from tests.vllm_utils import engine_config, make_poe_checkpoint
 
 pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
 
@@ -18,14 +17,7 @@ SPEC = {"method": "draft_model", "num_speculative_tokens": 3}
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("poe") / "poe", preset="tiny", seed=5, tokenizer=False,
-                           progress=False, n_layer=8, poe_mode="flat", poe_every=2)
-
-
-def engine_config(ckpt: Path, **kw):
-    args = dict(model=str(ckpt), max_model_len=1024, block_size=32, dtype="float32", skip_tokenizer_init=True,
-                enforce_eager=True)
-    return EngineArgs(**{**args, **kw}).create_engine_config()
+    return make_poe_checkpoint(tmp_path_factory.mktemp("poe") / "poe")
 
 
 def test_self_speculative_turns_the_hybrid_kv_cache_manager_off(ckpt):

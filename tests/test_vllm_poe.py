@@ -29,7 +29,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 
-from tests.vllm_utils import check_prefix_cache_hit_then_decode  # noqa: E402
+from tests.vllm_utils import check_prefix_cache_hit_then_decode, make_poe_checkpoint  # noqa: E402
 from tests.vllm_utils import run as run_n  # noqa: E402
 
 pytestmark = pytest.mark.vllm  # the scripts/test.sh step(s) that run this file
@@ -42,8 +42,7 @@ MIXED = [1, 3, 17, 31, 32, 33, 64, 65, 100, 200, 255, 256, 257, 300, 511, 700]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("poe") / "poe", preset="tiny", seed=5, tokenizer=False,
-                           progress=False, n_layer=8, poe_mode="flat", poe_every=2)
+    return make_poe_checkpoint(tmp_path_factory.mktemp("poe") / "poe")
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import vllm
-from vllm.engine.arg_utils import EngineArgs
 
-from cognica.factory import make_checkpoint
 from cognica_vllm import register, untested_vllm
 from cognica_vllm.config_checks import uses_v1_model_runner
+from tests.vllm_utils import engine_config, make_poe_checkpoint
 
 pytestmark = [pytest.mark.vllm, pytest.mark.vllm_v2]  # the scripts/test.sh step(s) that run this file
 
@@ -30,14 +29,7 @@ def is_vllm_cpu() -> bool:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("poe") / "poe", preset="tiny", seed=5, tokenizer=False,
-                           progress=False, n_layer=8, poe_mode="flat", poe_every=2)
-
-
-def engine_config(ckpt: Path, **kw):
-    args = dict(model=str(ckpt), max_model_len=1024, block_size=32, dtype="float32", skip_tokenizer_init=True,
-                enforce_eager=True)
-    return EngineArgs(**{**args, **kw}).create_engine_config()
+    return make_poe_checkpoint(tmp_path_factory.mktemp("poe") / "poe")
 
 
 @pytest.mark.parametrize("version, tested", [("0.32.0", True), ("0.32.0+cpu", True), ("0.33.1", True),

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import torch
 
-from cognica.factory import make_checkpoint
 from cognica.model import load_reference
 from tests.utils import assert_fp32_parity, random_prompts
 
@@ -28,7 +27,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 
-from tests.vllm_utils import run  # noqa: E402
+from tests.vllm_utils import make_poe_checkpoint, run  # noqa: E402
 from tests.vllm_v2_utils import close, kv_cache_groups  # noqa: E402
 
 pytestmark = pytest.mark.vllm_v2  # the scripts/test.sh step(s) that run this file
@@ -40,8 +39,7 @@ PROMPTS = random_prompts([300, 9], seed=11)  # the 300-token one past the S wind
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("poe") / "poe", preset="tiny", seed=5, tokenizer=False,
-                           progress=False, n_layer=8, poe_mode="flat", poe_every=2)
+    return make_poe_checkpoint(tmp_path_factory.mktemp("poe") / "poe")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 
-from tests.vllm_utils import answer, generate, preemptions  # noqa: E402
+from tests.vllm_utils import answer, generate, make_poe_checkpoint, preemptions  # noqa: E402
+from tests.vllm_v2_utils import close as shutdown  # noqa: E402
 
 pytestmark = pytest.mark.vllm_v2  # the scripts/test.sh step(s) that run this file
 
@@ -49,16 +50,11 @@ def self_spec(k: int) -> dict:
     return {"method": "cognica_self", "num_speculative_tokens": k}
 
 
-def make_poe(path: Path) -> Path:
-    return make_checkpoint(path, preset="tiny", seed=5, tokenizer=False, progress=False, n_layer=8, poe_mode="flat",
-                           poe_every=2)
-
-
 def make_identity_variant(path: Path) -> Path:
     """The PoE checkpoint with layers 2-7 turned into identities and no backout: the full model is its stage 1."""
     from safetensors.torch import load_file, save_file
 
-    make_poe(path)
+    make_poe_checkpoint(path)
     weights = load_file(str(path / "model.safetensors"))
     for i in range(2, 8):
         for proj in ("attn.c_proj.weight", "mlp.c_proj.weight"):
@@ -78,16 +74,15 @@ def spec_counts(llm: LLM) -> tuple[int, int]:
 
 
 def close(llm: LLM) -> None:
-    """Shut the in-process engine down now (`InprocClient.shutdown` -> `EngineCore.shutdown`): left to a later garbage
-    collection, its `cleanup_dist_env_and_memory` ran while the next engine was serving and removed that engine's
-    model-parallel groups (seen: "pipeline model parallel group is not initialized" in the next generate)."""
-    llm.llm_engine.engine_core.shutdown()
+    """`tests.vllm_v2_utils.close` (left to a later garbage collection, an engine's shutdown removed the next engine's
+    model-parallel groups: "pipeline model parallel group is not initialized"), then a collection."""
+    shutdown(llm)
     gc.collect()
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_poe(tmp_path_factory.mktemp("self_spec") / "poe")
+    return make_poe_checkpoint(tmp_path_factory.mktemp("self_spec") / "poe")
 
 
 def refusal_line(error: Exception) -> str:

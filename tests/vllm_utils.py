@@ -1,9 +1,28 @@
-"""Helpers shared by the in-process vLLM test files (run in .venv/vllm): greedy requests on token-id prompts and
-reading their tokens and log-probs back."""
+"""Helpers shared by the in-process vLLM test files (run in .venv/vllm and .venv/vllm-v2): greedy requests on token-id
+prompts and reading their tokens and log-probs back; the PoE test checkpoint and first-process engine configs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vllm import LLM, SamplingParams
+from vllm.engine.arg_utils import EngineArgs
+
+from cognica.factory import make_checkpoint
+
+
+def make_poe_checkpoint(path: Path) -> Path:
+    """The PoE test checkpoint: tiny width, 8 layers, a stage end every 2 layers (poe_mode "flat"), seed 5."""
+    return make_checkpoint(path, preset="tiny", seed=5, tokenizer=False, progress=False, n_layer=8, poe_mode="flat",
+                           poe_every=2)
+
+
+def engine_config(ckpt: Path, **kw):
+    """vLLM's config as `EngineArgs.create_engine_config` builds it in the first process (no worker starts): float32,
+    eager, 1024 tokens of context, 32-token blocks, plus `kw`."""
+    args = dict(model=str(ckpt), max_model_len=1024, block_size=32, dtype="float32", skip_tokenizer_init=True,
+                enforce_eager=True)
+    return EngineArgs(**{**args, **kw}).create_engine_config()
 
 
 def greedy(n: int, prompt_logprobs: bool = False) -> SamplingParams:
