@@ -215,26 +215,34 @@ def identity_llm(identity_ckpt: Path, llm):
     close(engine)
 
 
-def test_identity_variant_accepts_at_least_98_percent_of_drafts(identity_llm, identity_ckpt):
+@pytest.fixture(scope="module")
+def identity_ref(identity_ckpt: Path):
+    return load_reference(identity_ckpt, dtype=torch.float32)
+
+
+def drafts_over_exact_answers(llm: LLM, ref, prompts: list[list[int]], what: str) -> tuple[int, int]:
+    """Serve `prompts` (IDENTITY_NEW greedy tokens each), assert every answer equals the reference, and return the
+    (drafted, accepted) draft tokens vLLM counted for them."""
+    drafted0, accepted0 = spec_counts(llm)
+    for prompt, out in zip(prompts, generate(llm, prompts, IDENTITY_NEW), strict=True):
+        tokens, logprobs = answer(out)
+        assert_fp32_parity(ref, prompt, tokens, logprobs, f"{what}, {len(prompt)}-token prompt", n_new=IDENTITY_NEW)
+    drafted, accepted = spec_counts(llm)
+    return drafted - drafted0, accepted - accepted0
+
+
+def test_identity_variant_accepts_at_least_98_percent_of_drafts(identity_llm, identity_ref):
     """Full model == its stage 1: the drafter's proposals are the target's own greedy tokens, so >= 98 % are
     accepted, and the output equals the reference."""
-    ref = load_reference(identity_ckpt, dtype=torch.float32)
-    drafted0, accepted0 = spec_counts(identity_llm)
-    prompts = random_prompts([300, 40], seed=8)
-    for prompt, out in zip(prompts, generate(identity_llm, prompts, IDENTITY_NEW), strict=True):
-        tokens, logprobs = answer(out)
-        assert_fp32_parity(ref, prompt, tokens, logprobs, f"identity variant, {len(prompt)}-token prompt",
-                           n_new=IDENTITY_NEW)
-    drafted, accepted = spec_counts(identity_llm)
-    drafted, accepted = drafted - drafted0, accepted - accepted0
+    drafted, accepted = drafts_over_exact_answers(identity_llm, identity_ref, random_prompts([300, 40], seed=8),
+                                                  "identity variant")
     assert drafted >= 9 and accepted >= 0.98 * drafted, f"acceptance {accepted}/{drafted} below 98 %"
 
 
-def test_preempted_speculative_requests_equal_the_reference(identity_llm, identity_ckpt):
+def test_preempted_speculative_requests_equal_the_reference(identity_llm, identity_ref):
     """8 requests of 29 tokens (with 3 lookahead slots, one block per KV-cache group each: 32 of 50) that each need a
     second block in every group after their first draft round and then live for 16 tokens: vLLM preempts some and
     recomputes them; every answer equals the reference."""
-    ref = load_reference(identity_ckpt, dtype=torch.float32)
     prompts = random_prompts([29] * 8, seed=310)
     before = preemptions(identity_llm)
     outs = generate(identity_llm, prompts, 16)
@@ -242,7 +250,7 @@ def test_preempted_speculative_requests_equal_the_reference(identity_llm, identi
     assert preemptions(identity_llm) - before >= 1 and preempted, "no preemption: the scenario no longer recomputes"
     for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
         tokens, logprobs = answer(out)
-        assert_fp32_parity(ref, prompt, tokens, logprobs, f"cognica_self, request {i}"
+        assert_fp32_parity(identity_ref, prompt, tokens, logprobs, f"cognica_self, request {i}"
                            f"{' (preempted)' if i in preempted else ''}", n_new=16)
 
 
@@ -263,19 +271,12 @@ def _make_smear_stale(worker) -> None:
     worker.model_runner.speculator.model.__class__ = StaleSmearDrafter
 
 
-def test_a_drafter_reading_a_stale_smear_id_loses_acceptance_but_not_exactness(identity_llm, identity_ckpt):
+def test_a_drafter_reading_a_stale_smear_id_loses_acceptance_but_not_exactness(identity_llm, identity_ref):
     """The mutation check for the smear buffer's lookahead slots: with the drafted ids not recorded, acceptance on
     the identity variant falls well below 98 % (verification still keeps the output exact). Last in the file: the
     engine keeps the mutated drafter."""
-    ref = load_reference(identity_ckpt, dtype=torch.float32)
     identity_llm.collective_rpc(_make_smear_stale)
-    drafted0, accepted0 = spec_counts(identity_llm)
-    prompts = random_prompts([200, 60], seed=9)
-    for prompt, out in zip(prompts, generate(identity_llm, prompts, IDENTITY_NEW), strict=True):
-        tokens, logprobs = answer(out)
-        assert_fp32_parity(ref, prompt, tokens, logprobs, f"stale-smear drafter, {len(prompt)}-token prompt",
-                           n_new=IDENTITY_NEW)
-    drafted, accepted = spec_counts(identity_llm)
-    drafted, accepted = drafted - drafted0, accepted - accepted0
+    drafted, accepted = drafts_over_exact_answers(identity_llm, identity_ref, random_prompts([200, 60], seed=9),
+                                                  "stale-smear drafter")
     assert accepted < 0.9 * drafted, f"a stale-smear drafter still got {accepted}/{drafted} accepted: the test " \
         "cannot tell a correct smear buffer from a stale one"
