@@ -279,6 +279,13 @@ def _gemm_case(
     _finish(case, rates, bool(((got - ref).abs() <= atol * ref.abs().max() + rtol * ref.abs()).all()))
 
 
+def _report_row(row: dict, writer) -> None:
+    """Print a timed row's summary (ours and each peer, microseconds) and write it to the JSON as it finishes."""
+    print(f"    ours {_fmt(row['ours_us'], '8.1f')} us ok={row['ours_ok']}; "
+          + " ".join(f"{n} {_fmt(v['us'], '8.1f')}" for n, v in row["peers"].items()), flush=True)
+    writer.add(row)
+
+
 def run_kernels(out_path: Path, dry_run: bool) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
     profile = DRY_PROFILE if dry_run else GPU_PROFILE
@@ -475,9 +482,7 @@ def attention_compare(p: dict, device: torch.device, cuda: bool, writer: RowWrit
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 print(f"    FAILED: {row['error']}", flush=True)
-            print(f"    ours {_fmt(row['ours_us'], '8.1f')} us ok={row['ours_ok']}; "
-                  + " ".join(f"{n} {_fmt(v['us'], '8.1f')}" for n, v in row["peers"].items()), flush=True)
-            writer.add(row)
+            _report_row(row, writer)
             if cuda:
                 torch.cuda.empty_cache()
 
@@ -641,9 +646,7 @@ def relu2_compare(p: dict, device: torch.device, cuda: bool, writer: RowWriter, 
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 print(f"    FAILED: {row['error']}", flush=True)
-            print(f"    ours {_fmt(row['ours_us'], '8.1f')} us ok={row['ours_ok']}; "
-                  + " ".join(f"{n} {_fmt(v['us'], '8.1f')}" for n, v in row["peers"].items()), flush=True)
-            writer.add(row)
+            _report_row(row, writer)
 
 
 def warm_kernel_cases(profile: dict, device: torch.device) -> int:
