@@ -47,9 +47,9 @@ DRY_PROFILE = {
 }  # fmt: skip
 DTYPE = torch.bfloat16
 # (atol, rtol), atol relative to the largest reference output: attention over 2048 random keys averages V down to
-# ~0.03, where an absolute 2e-2 (tests/test_kernels.py's BF16) would pass a kernel that read the wrong keys.
+# ~0.03, where an absolute 2e-2 (tests/kernels/test_kernels.py's BF16) would pass a kernel that read the wrong keys.
 ATTN_TOL = (2e-2, 2e-2)
-GEMM_TOL = (5e-2, 3e-2)  # as tests/test_kernels.py's bf16 relu2_linear
+GEMM_TOL = (5e-2, 3e-2)  # as tests/kernels/test_kernels.py's bf16 relu2_linear
 
 
 @dataclass

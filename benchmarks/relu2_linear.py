@@ -1,7 +1,7 @@
 """A GEMM with relu^2 in its epilogue, `relu(x @ w.T)^2`: a fused candidate for `mlp.c_fc` plus the activation that
 the GPU check measures (`benchmarks/gpu_check.py kernels`) against what the product runs, `F.linear` followed by
 `cognica_kernels.relu2`. No plugin calls it, so it lives here and not in `cognica_kernels`; its parity test is in
-tests/test_kernels.py and its sm_80/sm_90 compile in tests/test_kernels_compile.py.
+tests/kernels/test_kernels.py and its sm_80/sm_90 compile in tests/kernels_compile/test_compile.py.
 
 Layouts (row-major, any float dtype; bf16 in the model): x `[M, K]` (or `[..., K]`), w `[N, K]` like an
 `nn.Linear` weight (no bias: the model has none). Output `relu(x @ w.T)^2`, `[..., N]`, dtype of x, accumulated in

@@ -77,8 +77,9 @@ def _kv_in_model_dtype(attn: RadixAttention, dtype: torch.dtype) -> bool:
 # sglang/srt/layers/attention/triton_backend.py, eager and CUDA-graph decode alike), and `seq_lens` already counts the
 # token being decoded, while its extend kernel keeps the layer's `sliding_window_size` keys before the query
 # (`q <= k + W` in sglang/kernels/ops/attention/extend_attention.py). Given W, decode would see W - 1 keys before the
-# query from position W on: wrong tokens (tests/test_sglang_gpu_path.py). Given W + 1, decode sees the W it needs, and
-# the extend kernel's mask (relative to the window buffer's start) drops the one extra prefix key it then gathers.
+# query from position W on: wrong tokens (tests/sglang_gpu_path/test_gpu_path.py). Given W + 1, decode sees the W it
+# needs, and the extend kernel's mask (relative to the window buffer's start) drops the one extra prefix key it then
+# gathers.
 # flashinfer (`clamp(seq_lens, max=size + 1)`) and fa3 (`window_size=(layer.sliding_window_size, 0)`) count right.
 DECODE_WINDOW_COUNTS_QUERY = frozenset({"triton"})
 

@@ -5,7 +5,7 @@ SGLang's compressed-tensors W8A8 schemes are CUDA-only (sglang/srt/layers/quanti
 built (`_check_scheme_supported` -> `torch.cuda.get_device_capability`; int8 needs >= 80, fp8 >= 89), and
 `CompressedTensorsW8A8Int8.apply_weights` quantizes activations with a Triton kernel (`per_token_quant_int8`) and
 multiplies with `sgl_kernel.int8_scaled_mm`, imported only when CUDA is present. On a CPU SGLang's own
-LlamaForCausalLM fails on the same W8A8 int8 checkpoint layout vLLM serves (tests/test_sglang_quant.py keeps that
+LlamaForCausalLM fails on the same W8A8 int8 checkpoint layout vLLM serves (tests/sglang/test_quant.py keeps that
 control); left alone ours would fail the same way, in the scheduler, with a CUDA driver error that names neither
 the checkpoint nor the fix.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# what SGLang 0.5.23 answers on a CPU (tests/test_sglang_quant.py asserts its in-tree Llama still fails this way)
+# what SGLang 0.5.23 answers on a CPU (tests/sglang/test_quant.py asserts its in-tree Llama still fails this way)
 ENGINE_REASON = ("SGLang 0.5.23's compressed-tensors layers are CUDA-only: building one checks the CUDA compute "
                  "capability ('RuntimeError: Found no NVIDIA driver on your system' on a CPU, for its own "
                  "LlamaForCausalLM too) and its GEMM is sgl_kernel.int8_scaled_mm; in float32 it also refuses "

@@ -47,7 +47,7 @@ def needs_one_kv_cache_group(vllm_config) -> bool:
     """Self-speculative decoding (`draft_model` with our model drafting) of a target with sliding layers on the V1
     runner: its drafter reads KV-cache group 0's metadata (see `cognica_vllm.spec_decode`), so there must be one
     group. The V2 runner builds the drafter's metadata per group; with the hybrid manager on it matched the reference
-    across rejected drafts (vLLM 0.34, tests/test_vllm_v2_poe.py), so it keeps the sliding layers' KV saving."""
+    across rejected drafts (vLLM 0.34, tests/vllm_v2/test_poe.py), so it keeps the sliding layers' KV saving."""
     spec = vllm_config.speculative_config
     if spec is None or spec.method != "draft_model" or spec.draft_model_config is None:
         return False

@@ -23,7 +23,7 @@ sets it in the first process (vLLM's `MODELS_CONFIG_MAP` hook, so vLLM's own com
 group keeps each layer's window in the attention kernel; the price is the sliding layers' KV saving. The V2 runner
 builds the drafter's metadata and slot mappings per KV-cache group (`StandaloneARSpeculator.set_attn`, the
 speculator's per-group `expanded_slot_mappings`): with the hybrid manager on, vLLM 0.34's V2 self-speculation
-equals the reference across rejected drafts (tests/test_vllm_v2_poe.py), so it keeps the saving.
+equals the reference across rejected drafts (tests/vllm_v2/test_poe.py), so it keeps the saving.
 
 The smear state of both models stays exact: each model writes the ids of every token it processes at their KV
 slots before reading the previous position's id (`cognica_vllm.smear`), and a rejected draft's slot is rewritten

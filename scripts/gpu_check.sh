@@ -8,7 +8,7 @@
 #
 # Steps (each under its own time limit, all run even if one fails; exit 1 if any failed):
 #   env           device, versions                                               -> OUTDIR/env.json
-#   kernel-tests  tests/test_kernels.py, compiled on CUDA (pytest, or the builtin
+#   kernel-tests  tests/kernels/test_kernels.py, compiled on CUDA (pytest, or the builtin
 #                 runner of scripts/gpu_kernel_tests.py where pytest is absent) -> OUTDIR/kernel_tests.json
 #   warm          benchmarks/gpu_check.py warm: every compare row built and run once, untimed, so the Triton and
 #                 torch.compile (flex_attention, relu^2) compiles land in the on-disk caches -> OUTDIR/warm.json
@@ -98,7 +98,7 @@ info.update(python=platform.python_version(), dry_run=sys.argv[2] == "1", commit
 open(sys.argv[1], "w").write(json.dumps(info, indent=1) + "\n")
 print(info)' "$OUTDIR/env.json" "$DRY" "$COMMIT"
 if [ $DRY -eq 1 ]; then
-  # scripts/test.sh runs all of test_kernels.py already; here a subset through both runners
+  # scripts/test.sh runs all of tests/kernels/test_kernels.py already; here a subset through both runners
   step kernel-tests "${LIMITS[1]}" "$PY" scripts/gpu_kernel_tests.py --out "$OUTDIR/kernel_tests.json" \
     --runner pytest -k "relu2_linear_matches or dispatch"
   step kernel-tests-builtin "${LIMITS[1]}" "$PY" scripts/gpu_kernel_tests.py \

@@ -1,11 +1,11 @@
-"""Run tests/test_kernels.py (compiled on CUDA, interpreted on CPU) and write the outcome as JSON.
+"""Run tests/kernels/test_kernels.py (compiled on CUDA, interpreted on CPU) and write the outcome as JSON.
 
     python scripts/gpu_kernel_tests.py --out OUT/kernel_tests.json [--runner auto|pytest|builtin] [-k EXPR]
-                                       [--file tests/test_kernels.py]
+                                       [--file tests/kernels/test_kernels.py]
 
-With pytest importable (`--runner auto`, the default) this is `pytest tests/test_kernels.py`. A GPU machine
+With pytest importable (`--runner auto`, the default) this is `pytest tests/kernels/test_kernels.py`. A GPU machine
 without network may not have pytest and cannot install it, so without it the builtin runner
-imports the test module itself and calls every test function: it implements exactly what test_kernels.py uses
+imports the test module itself and calls every test function: it implements exactly what tests/kernels/test_kernels.py uses
 (`pytest.mark.parametrize` with ids, stacked; autouse fixtures; the `monkeypatch` argument) and raises on any
 other pytest feature, so a test that starts using one fails here loudly instead of being skipped. `-k` keeps the
 tests whose id contains one of the `or`-separated words (the dry run uses it to stay short).
@@ -25,7 +25,7 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_FILE = REPO / "tests" / "test_kernels.py"
+TEST_FILE = REPO / "tests" / "tests/kernels/test_kernels.py"
 
 
 def _selected(test_id: str, expr: str | None) -> bool:
@@ -64,7 +64,7 @@ class _MonkeyPatch:
 
 
 def _fake_pytest() -> types.ModuleType:
-    """A `pytest` module with only what tests/test_kernels.py uses; anything else raises when touched."""
+    """A `pytest` module with only what tests/kernels/test_kernels.py uses; anything else raises when touched."""
     mod = types.ModuleType("pytest")
 
     def parametrize(argnames: str, argvalues: list, ids: list[str] | None = None):
@@ -164,7 +164,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runner", choices=("auto", "pytest", "builtin"), default="auto")
     parser.add_argument("-k", dest="expr", default=None)
-    parser.add_argument("--file", type=Path, default=TEST_FILE, help="the test module (default tests/test_kernels.py)")
+    parser.add_argument("--file", type=Path, default=TEST_FILE, help="the test module (default tests/kernels/test_kernels.py)")
     args = parser.parse_args()
     runner = args.runner
     if runner == "auto":

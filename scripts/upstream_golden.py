@@ -52,7 +52,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from cognica.model import load_reference
-    from tests.test_upstream_oracle import CASES, case_checkpoint, case_config, case_ids, logit_summary, weights_digest
+    from tests.core.test_upstream_oracle import CASES, case_checkpoint, case_config, case_ids, logit_summary, weights_digest
 
     assert upstream.COMPUTE_DTYPE == torch.float32, f"upstream compute dtype is {upstream.COMPUTE_DTYPE}"
     tensors: dict[str, torch.Tensor] = {}

@@ -1,7 +1,7 @@
 """Try to start an engine on each of several checkpoint directories and print, as JSON, how each failed.
 
 A separate process (not a pytest test): engines need a `__main__` guard and must not share the test process.
-Used by the bad-checkpoint engine-start tests of tests/test_vllm_server.py and tests/test_sglang.py.
+Used by the bad-checkpoint engine-start tests of tests/vllm/test_server.py and tests/sglang/test_parity.py.
     python -m tests.engine_start_driver vllm|sglang '{"variant": "/path/to/ckpt", ...}'
 
 Each result also counts the processes the attempt started. Both engines start their engine processes with

@@ -1,4 +1,4 @@
-"""The Hugging Face route both engines' tests take (tests/test_vllm_hf_route.py, tests/test_hf_route_sglang.py):
+"""The Hugging Face route both engines' tests take (tests/vllm/test_hf_route.py, tests/sglang/test_hf_route.py):
 a full fine-tune and PEFT LoRA adapters made with the ecosystem's own tools on the transformers class, saved with
 `save_pretrained`, as the README's "Fine-tune, quantize, serve" section gives them. Engine-free."""
 

@@ -1,10 +1,11 @@
 """The server tests both engines pass, written once: the robustness tests of an OpenAI server on a tiny checkpoint
-(`OpenAIServerTests`, for tests/test_vllm_server.py and tests/test_sglang.py) and the first use of the model card's
-server command on the Hub id (`FirstUseTests`, for tests/test_first_use_vllm.py and _sglang.py).
+(`OpenAIServerTests`, for tests/vllm/test_server.py and tests/sglang/test_parity.py) and the first use of the model
+card's server command on the Hub id (`FirstUseTests`, for tests/vllm/test_first_use.py and
+tests/sglang/test_first_use.py).
 
 Not a test module (pytest collects test_*.py, and only classes named Test*): a test module subclasses a class here as
-`Test...`, saying how its engine is started, and the inherited tests are collected there, under that module's
-`pytestmark`. Imports nothing of either engine, so both venvs import it.
+`Test...`, saying how its engine is started, and the inherited tests are collected there, in that module's step
+folder. Imports nothing of either engine, so both venvs import it.
 """
 
 from __future__ import annotations

@@ -365,9 +365,9 @@ def soak(server: Server, prompts: list[str], n_requests: int, concurrency: int, 
             "rss_before_mib": rss0, "rss_after_mib": server.rss_mib()}
 
 
-# Variants of tests/test_bad_checkpoints.py that an engine start must refuse. The hostile tokenizer.pkl variants are
-# not here: an engine converts a published tokenizer.pkl on first load through the restricted unpickler, and the
-# engines' refusal of a hostile one is tested by tests/test_first_use_vllm.py / test_first_use_sglang.py.
+# Variants of tests/core/test_bad_checkpoints.py that an engine start must refuse. The hostile tokenizer.pkl variants
+# are not here: an engine converts a published tokenizer.pkl on first load through the restricted unpickler, and the
+# engines' refusal of a hostile one is tested by tests/vllm/test_first_use.py / tests/sglang/test_first_use.py.
 ENGINE_START_VARIANTS = (
     "missing_tensor", "unknown_tensor", "wrong_shape", "int32_dtype", "nan_scalar", "truncated_file",
     "header_wrong_span", "empty_file", "config_missing_field", "config_heads_vs_width", "config_window_letter",
@@ -399,7 +399,7 @@ def check_engine_refuses_bad_checkpoints(engine: str, corpus: Path, env: dict[st
     """Every ENGINE_START_VARIANTS checkpoint stops the engine in its first process, before any engine process or
     KV cache exists (no process started, no KV-allocation log line), with the message `cognica inspect` gives."""
     from cognica.factory import make_checkpoint
-    from tests.test_bad_checkpoints import VARIANTS, build_variant
+    from tests.core.test_bad_checkpoints import VARIANTS, build_variant
 
     make_checkpoint(corpus / "base", preset="tiny", seed=0, progress=False)
     dirs = {name: build_variant(corpus, name)[0] for name in ENGINE_START_VARIANTS}
@@ -425,7 +425,7 @@ def check_server_refuses_bad_checkpoint(engine: str, cmd_for: Callable[[Path], l
     """The engine's own server command (`cmd_for(checkpoint)`) exits non-zero on a broken checkpoint, with the
     one-line message naming the problem in its stderr, and never allocates a KV cache."""
     from cognica.factory import make_checkpoint
-    from tests.test_bad_checkpoints import VARIANTS, build_variant
+    from tests.core.test_bad_checkpoints import VARIANTS, build_variant
 
     make_checkpoint(corpus / "base", preset="tiny", seed=0, progress=False)
     ckpt = build_variant(corpus, variant)[0]

@@ -1,6 +1,6 @@
 """SGLang's GPU attention path on this CPU: one engine with the triton backend and the hybrid SWA KV pool, run
 under Triton's interpreter, answering a fixed plan of requests; prints the outputs as JSON for
-tests/test_sglang_gpu_path.py, which compares them with the reference.
+tests/sglang_gpu_path/test_gpu_path.py, which compares them with the reference.
 
 A separate process, so that the test can put a hard timeout on it (a bad kernel launch hangs `sglang.Engine` rather
 than raising) and so that `TRITON_INTERPRET=1` is set before anything imports triton:

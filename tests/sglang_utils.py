@@ -1,5 +1,5 @@
-"""Helpers of the SGLang engine suites (tests/test_sglang.py, tests/test_sglang_release_shape.py): seeded token-id
-prompts, one engine at a time, and the fp32 parity check on `Engine.generate` outputs.
+"""Helpers of the SGLang engine suites (tests/sglang/test_parity.py, tests/sglang/test_release_shape.py): seeded
+token-id prompts, one engine at a time, and the fp32 parity check on `Engine.generate` outputs.
 
 SGLang-only (imports nothing from SGLang itself, but its outputs' layout is SGLang's `meta_info`)."""
 

