@@ -1,5 +1,6 @@
 """One SGLang engine (offline `sglang.Engine`) for benchmarks/serve.py: run in .venv/sglang with
-`SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub` on a machine without CUDA (serve.py sets both).
+`SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)"` on a machine without CUDA
+(serve.py sets both).
 
     python benchmarks/_sglang_worker.py '{"model": DIR, "label": ..., "workloads": [...], "plugin": true}'
 

@@ -43,6 +43,8 @@ from common import (  # noqa: E402
     workloads_to_json,
 )
 
+from cognica_sglang.cpu_stub import stub_path  # noqa: E402
+
 VLLM_PY = REPO / ".venv" / "vllm" / "bin" / "python"
 SGLANG_PY = REPO / ".venv" / "sglang" / "bin" / "python"
 RESULTS = REPO / "benchmarks" / "results" / "serve.jsonl"
@@ -118,7 +120,7 @@ def run_worker(key: str, python: Path, worker: str, spec: dict, timeout: float, 
     # threads made its decode spin-wait ~3x slower when anything else ran on the 2 cores (seen 2026-11-25).
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **spec.get("env", {}))
     if python == SGLANG_PY:
-        stub = str(REPO / "tests" / "sgl_stub")
+        stub = stub_path()  # the CPU stand-in for sgl_kernel (`cognica sglang-cpu-path`)
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         env["PYTHONPATH"] = stub + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else stub
     logfile = logdir / f"{key}.log"

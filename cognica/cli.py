@@ -72,7 +72,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 
 def cmd_bpb(args: argparse.Namespace) -> int:
     from cognica.bpb import EngineUnavailable, evaluate_bpb, poe_overrides
-    from cognica.checkpoint import CheckpointError
+    from cognica.names import CheckpointError
     from cognica.tokenizer import TokenizerError
 
     try:
@@ -98,6 +98,20 @@ def cmd_chat_template(args: argparse.Namespace) -> int:
     from cognica.chat import TEMPLATE_PATH, chat_template
 
     print(chat_template() if args.print else TEMPLATE_PATH)
+    return 0
+
+
+def cmd_sglang_cpu_path(args: argparse.Namespace) -> int:
+    """Print the folder with the SGLang plugin's CPU stand-in for `sgl_kernel` (the `cognica.paths` entry point
+    `sglang-cpu`, so the core names no plugin module); exit 2 where the plugin is not installed."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="cognica.paths") if ep.name == "sglang-cpu"]
+    if not found:
+        print("cognica: no 'cognica.paths' entry point 'sglang-cpu': install this package into the SGLang venv",
+              file=sys.stderr)
+        return 2
+    print(found[0].load()())
     return 0
 
 
@@ -139,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat-template", help="the path of the opt-in nanochat chat template (for SFT checkpoints)")
     s.add_argument("--print", action="store_true", help="print the template instead of its path")
     s.set_defaults(func=cmd_chat_template)
+
+    s = sub.add_parser("sglang-cpu-path", help="the folder to put first on PYTHONPATH to run SGLang on a CPU (a "
+                       "stand-in for the CUDA-only sgl_kernel wheel; never on a GPU machine)")
+    s.set_defaults(func=cmd_sglang_cpu_path)
     return p
 
 

@@ -8,7 +8,7 @@ differ from there on. Cause: `update_sliding_window_buffer` (sglang/srt/layers/a
 kernel keeps `sliding_window_size` keys before the query (`q <= k + W`): decode sees one key fewer than extend.
 
 Runs on a CPU through Triton's interpreter (about 2 minutes on 2 cores), from the repository root:
-    TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub \
+    TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" \
         .venv/sglang/bin/python scripts/sglang_window_repro.py
 Prints one row per decoded position and exits 1 when the defect shows (any |difference| > 1e-3), 0 otherwise.
 """

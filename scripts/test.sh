@@ -6,6 +6,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# SGLang on this CPU: the plugin's stand-in for the CUDA-only sgl_kernel wheel (README, "On a CPU")
+SGL_CPU="$(.venv/sglang/bin/cognica sglang-cpu-path)" || exit 1
 status=0
 step() {  # name, command...
   local name=$1; shift
@@ -30,11 +32,11 @@ step gpu-check-dry-run .venv/vllm/bin/python -m pytest -q tests/gpu_check
 # the V2 compatibility checks run on 0.32 too
 step vllm .venv/vllm/bin/python -m pytest -q tests/vllm tests/vllm_v2/test_compat.py
 # the tokenizer tests run on SGLang's transformers too
-step sglang env SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest -q \
+step sglang env SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$SGL_CPU" .venv/sglang/bin/python -m pytest -q \
   tests/sglang tests/core/test_tokenizer.py
 # SGLang's GPU attention path (triton backend, hybrid SWA pool) run by Triton's interpreter: its own process, as the
 # interpreter must be chosen before triton is imported
-step sglang-gpu-path env TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub \
+step sglang-gpu-path env TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$SGL_CPU" \
   .venv/sglang/bin/python -m pytest -q tests/sglang_gpu_path
 # vLLM 0.34's V2 runner and Triton attention on this CPU, Triton interpreted (.venv/vllm-v2 and its test-only plugin
 # tests/vllm_v2_shim, which checks this environment: CUDA_VISIBLE_DEVICES set and empty keeps vLLM's Triton on)

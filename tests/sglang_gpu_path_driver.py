@@ -4,12 +4,12 @@ tests/sglang_gpu_path/test_gpu_path.py, which compares them with the reference.
 
 A separate process, so that the test can put a hard timeout on it (a bad kernel launch hangs `sglang.Engine` rather
 than raising) and so that `TRITON_INTERPRET=1` is set before anything imports triton:
-    TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub \
+    TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" \
         python -m tests.sglang_gpu_path_driver CKPT '{"plan": [...], "engine": {...}}'
 
 What makes SGLang's CUDA path run here, and why (test tree only, never shipped):
 - `TRITON_INTERPRET=1`: Triton has no CPU backend; the interpreter runs the backend's kernels on CPU tensors.
-- `SGLANG_USE_CPU_ENGINE=1` and `tests/sgl_stub` on PYTHONPATH: SGLang's CPU engine, and a stand-in for the
+- `SGLANG_USE_CPU_ENGINE=1` and `cognica sglang-cpu-path` on PYTHONPATH: SGLang's CPU engine, and a stand-in for the
   CUDA-only `sgl_kernel` wheel (its stubs raise if called; nothing in the triton backend calls one).
 - `device="cpu", attention_backend="triton"`: the plugin keeps the hybrid SWA pool for the triton backend on a CPU
   (`cognica_sglang.config_checks.keeps_swa_pool`); `disable_cuda_graph=True`: no graphs without CUDA.

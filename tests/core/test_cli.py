@@ -238,3 +238,9 @@ def test_the_core_names_no_plugin_module():
             plugins = [n for n in names if n.startswith(("cognica_vllm", "cognica_sglang"))]
             found += [f"{path.name}:{node.lineno}: {n}" for n in plugins]
     assert not found, f"the core names plugin modules: {found}"
+
+
+def test_sglang_cpu_path_prints_the_stand_in_folder(capsys):
+    assert cli.main(["sglang-cpu-path"]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    assert (folder / "sgl_kernel" / "__init__.py").is_file(), folder

@@ -91,3 +91,26 @@ def test_the_core_modules_import_each_other_without_a_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_sglang_cpu_stand_in_ships_as_data_never_as_a_top_level_sgl_kernel(tmp_path: Path):
+    """`cognica sglang-cpu-path` (the README's CPU command puts it on PYTHONPATH) names a folder holding the stand-in
+    `sgl_kernel`, and the built wheel carries it under `cognica_sglang/cpu_stub/` only: a top-level `sgl_kernel` in
+    the wheel would shadow the real CUDA one on a GPU machine."""
+    import zipfile
+
+    proc = subprocess.run([sys.executable, "-m", "cognica", "sglang-cpu-path"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = Path(proc.stdout.strip())
+    assert (folder / "sgl_kernel" / "__init__.py").is_file(), f"no sgl_kernel stand-in under {folder}"
+    assert folder.resolve() == (REPO / "cognica_sglang" / "cpu_stub").resolve()
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert "cognica_sglang/cpu_stub/sgl_kernel/__init__.py" in names, "the stand-in is missing from the wheel"
+    assert not [n for n in names if n.startswith("sgl_kernel/")], "the wheel installs a top-level sgl_kernel"
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "sglang-cpu = cognica_sglang.cpu_stub:stub_path" in zipfile.ZipFile(
+        next(tmp_path.glob("*.whl"))).read(entry_points).decode()

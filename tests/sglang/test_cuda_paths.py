@@ -2,7 +2,8 @@
 `SWAKVPool`, whose constructor needs no GPU), prefill CUDA-graph scopes and a context longer than the training
 context. On CPU the plugin turns the SWA pool off (tests/sglang/test_parity.py), so the engine tests never build it.
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest tests/sglang/test_cuda_paths.py
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" \
+        .venv/sglang/bin/python -m pytest tests/sglang/test_cuda_paths.py
 """
 
 from __future__ import annotations

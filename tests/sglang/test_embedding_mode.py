@@ -3,7 +3,7 @@ hidden state (lm_head's input), L2-normalised, as SGLang pools its in-tree Llama
 (`Pooler(PoolingType.LAST, normalize=True)`); equal to the reference's within 1e-4 in float32. The Log-OP head has
 no single final hidden state and is refused in the first process.
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest \
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" .venv/sglang/bin/python -m pytest \
         tests/sglang/test_embedding_mode.py
 """
 

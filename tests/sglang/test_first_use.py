@@ -1,7 +1,7 @@
 """First use on SGLang: the card's `sglang.launch_server --model-path <id>` in its CPU form, against an offline hub
 cache laid out exactly as downloaded (tokenizer.pkl, no tokenizer.json, remote code that marks any import); run in
-.venv/sglang with SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub. The tests both engines share are
-`FirstUseTests` in tests/launch_utils.py."""
+.venv/sglang with SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)". The tests both
+engines share are `FirstUseTests` in tests/launch_utils.py."""
 
 from __future__ import annotations
 

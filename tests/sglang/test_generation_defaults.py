@@ -6,7 +6,7 @@ request leaves out (`TokenizerManager`: `{**preferred_sampling_params, **request
 default; the OpenAI endpoints always send their own temperature (`/v1/completions`: the request model's default
 1.0), so there greedy still takes `"temperature": 0` in the request.
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest \
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" .venv/sglang/bin/python -m pytest \
         tests/sglang/test_generation_defaults.py
 """
 

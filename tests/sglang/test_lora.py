@@ -11,7 +11,8 @@ LoRA there: `cognica_sglang.lora.check_lora_server_args`). So that this CPU mach
 the LoRA math, the engine runs with `pin_memory` a no-op (`NO_PIN`, also in the scheduler process through a
 sitecustomize on PYTHONPATH); pinning only places host memory, it changes no value.
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest tests/sglang/test_lora.py
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" \
+        .venv/sglang/bin/python -m pytest tests/sglang/test_lora.py
 """
 
 from __future__ import annotations

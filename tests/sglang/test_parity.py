@@ -6,8 +6,9 @@ exact there): greedy tokens identical, per-token logprobs within 1e-3. bf16 uses
 and near-tie rule of tests/utils.py, as the vLLM tests do. The release's context and windows (2048, 512)
 and retraction are in tests/sglang/test_release_shape.py.
 
-Run in SGLang's own venv, with the test-only `sgl_kernel` stand-in on the path (CPU machine):
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest tests/sglang/test_parity.py
+Run in SGLang's own venv, with the plugin's `sgl_kernel` stand-in on the path (CPU machine):
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" \
+        .venv/sglang/bin/python -m pytest tests/sglang/test_parity.py
 """
 
 from __future__ import annotations

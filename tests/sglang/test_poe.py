@@ -5,7 +5,8 @@ exits before the backout block and the Log-OP head over stages 1..3 mixes exits 
 greedy tokens identical and per-token logprobs within 1e-3 (tests/sglang_utils.check_parity), on prompts past the
 256-key S window, prefilled in 64-token chunks, batched with a short one.
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest tests/sglang/test_poe.py
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" \
+        .venv/sglang/bin/python -m pytest tests/sglang/test_poe.py
 """
 
 from __future__ import annotations

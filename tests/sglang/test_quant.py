@@ -1,4 +1,5 @@
-"""Pre-quantized compressed-tensors W8A8 int8 checkpoints on SGLang 0.5.23 (CPU, with tests/sgl_stub): not servable.
+"""Pre-quantized compressed-tensors W8A8 int8 checkpoints on SGLang 0.5.23 (CPU, with the sgl_kernel stand-in): not
+servable.
 
 The control is SGLang's in-tree LlamaForCausalLM, written with transformers and quantized as tests/vllm/test_quant.py
 quantizes its control (every *_proj int8 per output channel with a bf16 `weight_scale`, dynamic per-token int8
@@ -8,7 +9,7 @@ plugin therefore refuses a quantized checkpoint on a CPU at start, with one line
 SGLang serves the control, the first test fails: then serve W8A8 on SGLang, against the reference on the
 dequantized weights, instead of refusing it.
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest \
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" .venv/sglang/bin/python -m pytest \
         tests/sglang/test_quant.py
 """
 

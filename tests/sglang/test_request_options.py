@@ -7,7 +7,7 @@ The server runs with --disable-radix-cache (without it SGLang's tokenizer manage
 they would never reach the plugin's per-request refusal), --enable-custom-logit-processor and
 --enable-return-hidden-states, so those options reach the model instead of meeting SGLang's own flag checks.
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python -m pytest \
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" .venv/sglang/bin/python -m pytest \
         tests/sglang/test_request_options.py
 """
 

@@ -13,7 +13,7 @@ Two engines: SGLang's own decode attention (`COGNICA_KERNELS=engine`, what CUDA 
 plugin's CPU decode attention (the CPU default), which translates full-pool slots into the live SWA sub-pool itself.
 Each engine runs in its own process under a hard timeout (a bad launch hangs instead of raising).
 
-    TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub \
+    TRITON_INTERPRET=1 SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" \
         .venv/sglang/bin/python -m pytest -q tests/sglang_gpu_path
 """
 
@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from cognica.model import load_reference  # noqa: E402
+from cognica_sglang.cpu_stub import stub_path  # noqa: E402
 from tests.sglang_utils import check_parity, random_prompt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def ref(tiny_ckpt):
 def serve_plan(ckpt: Path, kernels: str) -> tuple[dict, str]:
     """Run the plan in tests/sglang_gpu_path_driver.py with COGNICA_KERNELS=`kernels`; (its result, its log)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "SGLANG_USE_CPU_ENGINE": "1", "COGNICA_KERNELS": kernels,
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "sgl_stub"), str(REPO)])}
+           "PYTHONPATH": os.pathsep.join([stub_path(), str(REPO)])}
     spec = json.dumps({"plan": PLAN, "engine": ENGINE})
     cmd = [sys.executable, "-m", "tests.sglang_gpu_path_driver", str(ckpt), spec]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,7 +1,8 @@
 """The long soak of an engine's OpenAI server (not in the test command: `pytest -m slow`, about 10-20 minutes here).
 
 Run in the venv of the engine to soak: `.venv/vllm/bin/python -m pytest -s -m slow tests/soak/test_soak.py`, or with
-SGLang's venv and environment (`SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/sgl_stub .venv/sglang/bin/python ...`).
+SGLang's venv and environment
+(`SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$(.venv/sglang/bin/cognica sglang-cpu-path)" .venv/sglang/bin/python ...`).
 200 requests, 16 concurrent, mixed lengths past the 512-key window, half streamed; every greedy answer must equal
 the same request alone (float32, where batching does not change a greedy answer) and every request be answered.
 The environment sets the size: SOAK_REQUESTS, SOAK_CONCURRENCY, SOAK_DTYPE, SOAK_MAX_TOKENS. The short soak of the

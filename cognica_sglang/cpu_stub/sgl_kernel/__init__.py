@@ -1,9 +1,7 @@
-"""Test-only stand-in for `sgl_kernel` on a machine without CUDA (never installed by the package).
+"""Stand-in for `sgl_kernel` on a machine without CUDA: see `cognica_sglang.cpu_stub` (`cognica sglang-cpu-path`).
 
-The real `sglang-kernel` wheel loads CUDA libraries at import and fails without libcuda, yet
-SGLang imports names from it at module level even on its CPU path. Put `tests/sgl_stub` first on
-PYTHONPATH: every name (and submodule) resolves to a stub that raises if it is ever called, so an
-SGLang code path that needs a real kernel fails loudly instead of computing something wrong.
+Its parent folder goes first on PYTHONPATH on a CPU only: every name (and submodule) resolves to a stub that raises if
+it is ever called, so an SGLang code path that needs a real kernel fails loudly instead of computing something wrong.
 The pure-Python submodules SGLang reads at import (`scalar_type`) come from the real wheel.
 """
 
@@ -25,7 +23,7 @@ __version__ = "0.0.0+cpu-stub"
 
 def _missing(name):
     def stub(*args, **kwargs):
-        raise NotImplementedError(f"sgl_kernel stand-in: {name} has no CPU implementation in the test stub")
+        raise NotImplementedError(f"sgl_kernel stand-in: {name} has no CPU implementation in the stand-in")
 
     stub.__name__ = name.rsplit(".", 1)[-1]
     return stub
