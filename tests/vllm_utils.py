@@ -3,12 +3,52 @@ prompts and reading their tokens and log-probs back; the PoE test checkpoint and
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vllm import LLM, SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 
 from cognica.factory import make_checkpoint
+
+# The engine the tiny-checkpoint suites start (tests/vllm, tests/vllm_v2): float32, 1024 tokens of context in 32-token
+# blocks, chunked prefill (64 tokens a step unless a suite says otherwise) with prefix caching, token-id prompts (no
+# tokenizer); each suite adds what it tests.
+TINY_ENGINE = dict(dtype="float32", max_model_len=1024, block_size=32, seed=0, gpu_memory_utilization=0.3,
+                   max_num_batched_tokens=64, enable_chunked_prefill=True, enable_prefix_caching=True,
+                   skip_tokenizer_init=True)
+
+
+def tiny_llm(ckpt: Path, **kw: Any) -> LLM:
+    """An in-process engine on `ckpt` with `TINY_ENGINE`'s arguments, overridden and extended by `kw`."""
+    return LLM(model=str(ckpt), **{**TINY_ENGINE, **kw})
+
+
+class EngineSlot:
+    """One vLLM engine at a time: asking for another setting (a new `name`) tears the current one down first.
+    `shutdown(llm)` runs before the engine is dropped (vLLM 0.34: `tests.vllm_v2_utils.close`); `defaults` are the
+    suite's engine arguments on top of `TINY_ENGINE`."""
+
+    def __init__(self, ckpt: Path, shutdown: Callable[[LLM], None] | None = None, **defaults: Any):
+        self.ckpt, self.shutdown, self.defaults = ckpt, shutdown, defaults
+        self.name: str | None = None
+        self.llm: LLM | None = None
+
+    def get(self, name: str, **kw: Any) -> LLM:
+        if self.name != name:
+            self.close()
+            self.llm, self.name = tiny_llm(self.ckpt, **{**self.defaults, **kw}), name
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            if self.shutdown is not None:
+                self.shutdown(self.llm)
+            del self.llm
+            self.llm, self.name = None, None
+            gc.collect()
 
 
 def make_poe_checkpoint(path: Path) -> Path:

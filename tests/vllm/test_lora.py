@@ -27,7 +27,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 from vllm.lora.request import LoRARequest  # noqa: E402
 
-from tests.vllm_utils import greedy, prompt_logprobs  # noqa: E402
+from tests.vllm_utils import greedy, prompt_logprobs, tiny_llm  # noqa: E402
 
 CHUNK = 64
 NEW = 16
@@ -56,10 +56,8 @@ def llm(tiny_ckpt: Path):
     # base request batched with adapter requests runs under the last slot's (current or evicted) adapter: seen here
     # with max_loras=2, the base's logprobs equal those of the adapter in slot 1 (2.9e-6) and diverge from the base
     # at its first decode step. The CUDA kernels skip -1.
-    llm = LLM(model=str(tiny_ckpt), dtype="float32", max_model_len=1024, block_size=32, seed=0,
-              gpu_memory_utilization=0.3, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
-              enable_prefix_caching=True, max_num_seqs=8, enable_lora=True, max_loras=3, max_cpu_loras=4,
-              max_lora_rank=RANK)
+    llm = tiny_llm(tiny_ckpt, max_num_batched_tokens=CHUNK, max_num_seqs=8, enable_lora=True, max_loras=3,
+                   max_cpu_loras=4, max_lora_rank=RANK, skip_tokenizer_init=False)
     yield llm
     del llm
     gc.collect()

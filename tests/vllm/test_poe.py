@@ -12,7 +12,6 @@ identical and per-token logprobs within 1e-3 of the reference, prompts past the 
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 
-from tests.vllm_utils import check_prefix_cache_hit_then_decode, make_poe_checkpoint  # noqa: E402
+from tests.vllm_utils import EngineSlot, check_prefix_cache_hit_then_decode, make_poe_checkpoint  # noqa: E402
 from tests.vllm_utils import run as run_n  # noqa: E402
 
 CHUNK = 64
@@ -49,31 +48,9 @@ def bp_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            progress=False, n_layer=8, poe_every=2)
 
 
-class EngineSlot:
-    """One vLLM engine at a time: asking for another setting tears the current one down first."""
-
-    def __init__(self, ckpt: Path):
-        self.ckpt, self.name, self.llm = ckpt, None, None
-
-    def get(self, name: str, **kw: Any) -> LLM:
-        if self.name != name:
-            self.close()
-            args = dict(model=str(self.ckpt), max_model_len=1024, block_size=32, seed=0, gpu_memory_utilization=0.3,
-                        max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, enable_prefix_caching=True,
-                        max_num_seqs=16, dtype="float32", skip_tokenizer_init=True)
-            self.llm, self.name = LLM(**{**args, **kw}), name
-        return self.llm
-
-    def close(self) -> None:
-        if self.llm is not None:
-            del self.llm
-            self.llm, self.name = None, None
-            gc.collect()
-
-
 @pytest.fixture(scope="module")
 def engines(ckpt: Path):
-    slot = EngineSlot(ckpt)
+    slot = EngineSlot(ckpt, max_num_batched_tokens=CHUNK, max_num_seqs=16)
     yield slot
     slot.close()
 

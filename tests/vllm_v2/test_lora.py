@@ -23,10 +23,9 @@ from tests.utils import assert_fp32_parity, random_prompts
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from vllm import LLM  # noqa: E402  (after the env defaults above)
 from vllm.lora.request import LoRARequest  # noqa: E402
 
-from tests.vllm_utils import answer, greedy  # noqa: E402
+from tests.vllm_utils import answer, greedy, tiny_llm  # noqa: E402
 from tests.vllm_v2_utils import close  # noqa: E402
 
 RANK = 8
@@ -45,10 +44,7 @@ def adapters(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
 def llm(tiny_ckpt: Path):
     # max_loras one above the adapters a batch uses (tests/vllm/test_lora.py: the CPU punica ops read a base token's
     # slot -1 as the last slot); no base request is batched with adapter requests here
-    engine = LLM(model=str(tiny_ckpt), dtype="float32", max_model_len=1024, block_size=32, seed=0,
-                 gpu_memory_utilization=0.3, max_num_batched_tokens=64, enable_chunked_prefill=True,
-                 enable_prefix_caching=True, max_num_seqs=4, enable_lora=True, max_loras=3, max_cpu_loras=4,
-                 max_lora_rank=RANK, skip_tokenizer_init=True)
+    engine = tiny_llm(tiny_ckpt, max_num_seqs=4, enable_lora=True, max_loras=3, max_cpu_loras=4, max_lora_rank=RANK)
     yield engine
     close(engine)
     del engine

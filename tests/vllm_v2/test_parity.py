@@ -27,9 +27,7 @@ from tests.utils import assert_fp32_parity, assert_prompt_logprobs_parity, rando
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from vllm import LLM  # noqa: E402  (after the env defaults above)
-
-from tests.vllm_utils import answer, generate, preemptions, prompt_logprobs  # noqa: E402
+from tests.vllm_utils import answer, generate, preemptions, prompt_logprobs, tiny_llm  # noqa: E402
 from tests.vllm_v2_utils import attention_impls, close, kv_cache_groups, model_runner_class  # noqa: E402
 
 CHUNK = 64
@@ -44,10 +42,8 @@ def ref(tiny_ckpt: Path):
 
 @pytest.fixture(scope="module")
 def llm(tiny_ckpt: Path):
-    engine = LLM(model=str(tiny_ckpt), dtype="float32", max_model_len=1024, block_size=32, seed=0,
-                 gpu_memory_utilization=0.3, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
-                 enable_prefix_caching=True, max_num_seqs=16, num_gpu_blocks_override=POOL_BLOCKS,
-                 disable_log_stats=False, skip_tokenizer_init=True)  # stats on: the preemption counter
+    engine = tiny_llm(tiny_ckpt, max_num_batched_tokens=CHUNK, max_num_seqs=16, num_gpu_blocks_override=POOL_BLOCKS,
+                      disable_log_stats=False)  # stats on: the preemption counter
     yield engine
     close(engine)
     del engine

@@ -11,10 +11,8 @@ One engine at a time.
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -27,7 +25,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm import LLM  # noqa: E402  (after the env defaults above)
 
-from tests.vllm_utils import make_poe_checkpoint, run  # noqa: E402
+from tests.vllm_utils import EngineSlot, make_poe_checkpoint, run  # noqa: E402
 from tests.vllm_v2_utils import close, kv_cache_groups  # noqa: E402
 
 CHUNK = 64
@@ -45,32 +43,9 @@ def full_ref(ckpt: Path):
     return load_reference(ckpt, dtype=torch.float32)
 
 
-class EngineSlot:
-    """One vLLM engine at a time: asking for another setting tears the current one down first."""
-
-    def __init__(self, ckpt: Path):
-        self.ckpt, self.name, self.llm = ckpt, None, None
-
-    def get(self, name: str, **kw: Any) -> LLM:
-        if self.name != name:
-            self.close()
-            args = dict(model=str(self.ckpt), max_model_len=1024, block_size=32, seed=0, gpu_memory_utilization=0.3,
-                        max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, enable_prefix_caching=True,
-                        max_num_seqs=8, dtype="float32", skip_tokenizer_init=True, enforce_eager=True)
-            self.llm, self.name = LLM(**{**args, **kw}), name
-        return self.llm
-
-    def close(self) -> None:
-        if self.llm is not None:
-            close(self.llm)
-            del self.llm
-            self.llm, self.name = None, None
-            gc.collect()
-
-
 @pytest.fixture(scope="module")
 def engines(ckpt: Path):
-    slot = EngineSlot(ckpt)
+    slot = EngineSlot(ckpt, close, max_num_batched_tokens=CHUNK, max_num_seqs=8, enforce_eager=True)
     yield slot
     slot.close()
 
