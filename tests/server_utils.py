@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -194,6 +194,32 @@ def error_message(r: requests.Response) -> str:
     if isinstance(err, dict):
         return str(err.get("message") or "")
     return str(body.get("message") or body.get("detail") or err or "") if isinstance(body, dict) else ""
+
+
+# The request-option tests (tests/vllm/test_request_options.py, tests/sglang/test_request_options.py): after each
+# option the server must still give the reference's greedy completion of PLAIN.
+PLAIN = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+
+
+def completion(**kw: Any) -> tuple[str, dict]:
+    """An OpenAI completion request (path, body) with the option(s) `kw`."""
+    return "/v1/completions", {"prompt": "Hello there", "max_tokens": 4, **kw}
+
+
+# (name, (path, body), expect) of the OpenAI completion options both engines answer alike: "ok" a 200, "4xx" a client
+# error (a logit bias outside the vocabulary)
+SHARED_COMPLETION_OPTIONS: list[tuple[str, tuple[str, dict], str]] = [
+    ("logprobs", completion(logprobs=5), "ok"),
+    ("echo with logprobs", completion(echo=True, logprobs=1, max_tokens=2), "ok"),
+    ("n=3 sampled", completion(n=3, temperature=1.0), "ok"),
+    ("seed", completion(seed=7, temperature=1.0), "ok"),
+    ("logit_bias", completion(logit_bias={"100": 100.0, "5": -100.0}), "ok"),
+    ("logit_bias out of vocab", completion(logit_bias={"40000": 5.0}), "4xx"),
+    ("min_tokens", completion(min_tokens=4, max_tokens=6), "ok"),
+    ("repetition_penalty", completion(repetition_penalty=1.5), "ok"),
+    ("frequency and presence penalties", completion(frequency_penalty=1.0, presence_penalty=1.0), "ok"),
+    ("top_k top_p min_p", completion(top_k=5, top_p=0.9, min_p=0.05, temperature=1.0), "ok"),
+]
 
 
 def check_request_option(server: Server, engine: str, name: str, request_: tuple[str, dict], expect: str,

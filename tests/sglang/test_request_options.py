@@ -18,7 +18,10 @@ import sglang  # noqa: E402, F401  (a missing engine is a failure, not a skip)
 from sglang.srt.sampling.custom_logit_processor import DisallowedTokensLogitsProcessor  # noqa: E402
 
 from tests.server_utils import (  # noqa: E402
+    PLAIN,
+    SHARED_COMPLETION_OPTIONS,
     check_request_option,
+    completion,
     free_port,
     reference_text,
     serve,
@@ -27,33 +30,19 @@ from tests.server_utils import (  # noqa: E402
 from tests.sglang_utils import server_command  # noqa: E402
 
 BOS = 32759
-PLAIN = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 JSON_SCHEMA = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
 PROCESSOR = DisallowedTokensLogitsProcessor.to_str()
-
-
-def completion(**kw) -> tuple[str, dict]:
-    return "/v1/completions", {"prompt": "Hello there", "max_tokens": 4, **kw}
 
 
 def generate(**kw) -> tuple[str, dict]:
     return "/generate", {"input_ids": [BOS, 10, 20, 30], "sampling_params": {"max_new_tokens": 4}, **kw}
 
 
-# (name, (path, body), expect)
+# (name, (path, body), expect): the options both engines answer alike, then this engine's own
 OPTIONS: list[tuple[str, tuple[str, dict], str]] = [
-    ("logprobs", completion(logprobs=5), "ok"),
-    ("echo with logprobs", completion(echo=True, logprobs=1, max_tokens=2), "ok"),
-    ("n=3 sampled", completion(n=3, temperature=1.0), "ok"),
+    *SHARED_COMPLETION_OPTIONS,
     ("best_of", completion(best_of=3, n=1), "ok"),
-    ("seed", completion(seed=7, temperature=1.0), "ok"),
     ("stop, stop_token_ids, stop_regex", completion(stop=["e"], stop_token_ids=[32763], stop_regex="[0-9]"), "ok"),
-    ("logit_bias", completion(logit_bias={"100": 100.0, "5": -100.0}), "ok"),
-    ("logit_bias out of vocab", completion(logit_bias={"40000": 5.0}), "4xx"),
-    ("min_tokens", completion(min_tokens=4, max_tokens=6), "ok"),
-    ("repetition_penalty", completion(repetition_penalty=1.5), "ok"),
-    ("frequency and presence penalties", completion(frequency_penalty=1.0, presence_penalty=1.0), "ok"),
-    ("top_k top_p min_p", completion(top_k=5, top_p=0.9, min_p=0.05, temperature=1.0), "ok"),
     ("structured json_schema", completion(json_schema=JSON_SCHEMA, max_tokens=12), "ok"),
     ("structured regex", completion(regex="[0-9]{3}", max_tokens=6), "ok"),
     ("structured ebnf", completion(ebnf='root ::= "yes" | "no"'), "ok"),

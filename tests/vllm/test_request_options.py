@@ -17,9 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.server_utils import KV_ALLOCATION_LOG, check_request_option, free_port, reference_text, serve
+from tests.server_utils import (
+    KV_ALLOCATION_LOG,
+    PLAIN,
+    SHARED_COMPLETION_OPTIONS,
+    check_request_option,
+    completion,
+    free_port,
+    reference_text,
+    serve,
+)
 
-PLAIN = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 JSON_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 
 
@@ -29,28 +37,15 @@ def prompt_embeds_b64() -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def completion(**kw) -> tuple[str, dict]:
-    return "/v1/completions", {"prompt": "Hello there", "max_tokens": 4, **kw}
-
-
-# (name, (path, body), expect)
+# (name, (path, body), expect): the options both engines answer alike, then this engine's own
 OPTIONS: list[tuple[str, tuple[str, dict], str]] = [
-    ("logprobs", completion(logprobs=5), "ok"),
+    *SHARED_COMPLETION_OPTIONS,
     ("prompt_logprobs", completion(prompt_logprobs=3), "ok"),
     ("logprobs=-1 (whole vocabulary)", completion(logprobs=-1, max_tokens=2), "4xx"),
     ("prompt_logprobs=-1 (whole vocabulary)", completion(prompt_logprobs=-1, max_tokens=1), "4xx"),
-    ("echo with logprobs", completion(echo=True, logprobs=1, max_tokens=2), "ok"),
-    ("n=3 sampled", completion(n=3, temperature=1.0), "ok"),
     ("best_of (not in vLLM 0.32's API: ignored)", completion(best_of=3, n=1), "ok"),
     ("use_beam_search", completion(use_beam_search=True, n=2, temperature=0), "ok"),
-    ("seed", completion(seed=7, temperature=1.0), "ok"),
     ("stop and stop_token_ids", completion(stop=["e", "\n"], stop_token_ids=[32763], temperature=0), "ok"),
-    ("logit_bias", completion(logit_bias={"100": 100.0, "5": -100.0}), "ok"),
-    ("logit_bias out of vocab", completion(logit_bias={"40000": 5.0}), "4xx"),
-    ("min_tokens", completion(min_tokens=4, max_tokens=6), "ok"),
-    ("repetition_penalty", completion(repetition_penalty=1.5), "ok"),
-    ("frequency and presence penalties", completion(frequency_penalty=1.0, presence_penalty=1.0), "ok"),
-    ("top_k top_p min_p", completion(top_k=5, top_p=0.9, min_p=0.05, temperature=1.0), "ok"),
     ("allowed_token_ids", completion(allowed_token_ids=[10, 11, 12]), "ok"),
     ("bad_words", completion(bad_words=["the", "a"]), "ok"),
     ("structured json_schema", completion(structured_outputs={"json": JSON_SCHEMA}, max_tokens=12), "ok"),
