@@ -7,6 +7,7 @@ the full-size factory checkpoint of our model and its in-tree Llama twin of equa
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -126,26 +128,32 @@ def run_workloads(result: dict, spec: dict, run, request_ttfts, token_ids) -> No
     emit(result, final=True)
 
 
+def gpu_kit(name: str) -> ModuleType:
+    """A module of the GPU kit, benchmarks/gpu/ (which imports its modules by their bare names, as these do)."""
+    kit = str(Path(__file__).resolve().parent / "gpu")
+    if kit not in sys.path:
+        sys.path.insert(0, kit)
+    return importlib.import_module(name)
+
+
 def kv_theory(cfg: CognicaConfig | None = None, ctx: int | None = None, block: int = 1, in_flight: int = 1,
               extra_block: bool = False) -> dict:
     """KV slots one `ctx`-token sequence (default: the context) needs with the config's per-layer windows vs every
     layer full. `cfg`: a `cognica.config.CognicaConfig`, default the release's.
 
     A sliding layer (`cfg.is_sliding`) keeps its `cfg.window_keys` keys (the query and the `short_window` before
-    it). With `block`, `in_flight` and `extra_block`, vLLM's admission rule for a sliding layer:
-    cdiv(window_keys - 1 + in-flight tokens, block) + 1 blocks."""
+    it). With `block`, `in_flight` and `extra_block`, vLLM's admission rule for a sliding layer
+    (`roofline.sliding_admission_blocks`); without `extra_block`, that rule less its extra block."""
     from cognica.config import CognicaConfig  # not at import time: the workers import this module bare
 
-    def cdiv(a: int, b: int) -> int:
-        return -(-a // b)
-
+    roofline = gpu_kit("roofline")
     cfg = CognicaConfig() if cfg is None else cfg
     ctx = cfg.sequence_len if ctx is None else ctx
-    full = cdiv(ctx, block) * block
+    full = roofline.cdiv(ctx, block) * block
     slots = []
     for keys, sliding in zip(cfg.window_keys, cfg.is_sliding):
-        win = min(ctx, keys - 1 + in_flight)
-        slots.append(min(full, (cdiv(win, block) + int(extra_block)) * block) if sliding else full)
+        blocks = roofline.sliding_admission_blocks(keys, in_flight, block) - (not extra_block)
+        slots.append(min(full, blocks * block) if sliding else full)
     n_short = sum(cfg.is_sliding)
     return {"full_slots": cfg.n_layer * full, "sssl_slots": sum(slots), "ratio": cfg.n_layer * full / sum(slots),
             "n_short": n_short, "n_full": cfg.n_layer - n_short}
@@ -160,7 +168,7 @@ def prepare(cache: Path) -> dict:
 
     from cognica.checkpoint import read_safetensors_header
     from cognica.config import SMEAR_CHANNELS, CognicaConfig
-    from kernels import matmul_weight_params  # beside this file: the roofline's weights per decode step
+    matmul_weight_params = gpu_kit("roofline").matmul_weight_params  # the roofline's weights per decode step
 
     shape = CognicaConfig()  # the release's, which the full-size factory checkpoint has and the twin copies
 

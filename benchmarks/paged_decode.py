@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_timing import Timer, copy_rate_gbps, device_info, sdpa_paged_decode  # noqa: E402
+from roofline import GPUS, decode_step_bytes, sliding_admission_blocks  # noqa: E402
 
 from cognica import layers  # noqa: E402
 from cognica.config import CognicaConfig  # noqa: E402
@@ -57,7 +58,6 @@ from cognica.model import CognicaGPT  # noqa: E402
 from cognica.parity import assert_bf16_close, assert_fp32_parity, bf16_tolerance, random_prompts  # noqa: E402
 from cognica_kernels.attention import paged_attention_triton  # noqa: E402
 from cognica_kernels.relu2 import relu2_triton  # noqa: E402
-from kernels import GPUS, decode_step_bytes  # noqa: E402  (benchmarks/kernels.py: the roofline)
 
 PAGE = 16
 GPU_PROFILE = {"preset": "full", "ctx": 2048, "batches": (1, 32, 256), "prompt_lens": (5, 37, 600), "new_tokens": 8,
@@ -93,7 +93,7 @@ class PagedKVCache:
         # vLLM 0.32's per-request bound for a sliding layer, cdiv(sliding_window - 1 + in-flight tokens, block) + 1
         # (`SlidingWindowSpec.max_admission_blocks_per_request` in vllm/v1/kv_cache_interface.py), with sliding_window =
         # window_left + 1
-        ring = min(full_pages, -(-(cfg.short_window + max_chunk) // PAGE) + 1)
+        ring = min(full_pages, sliding_admission_blocks(cfg.short_window + 1, max_chunk, PAGE))
         cols = torch.arange(full_pages, device=device)
         rows = torch.arange(batch, device=device)[:, None]
         self.tables = {
@@ -110,7 +110,7 @@ class PagedKVCache:
     def nbytes(cfg: CognicaConfig, ring_layers: tuple[bool, ...], batch: int, capacity: int, max_chunk: int,
                dtype: torch.dtype) -> int:  # fmt: skip
         full_pages = -(-capacity // PAGE)
-        ring = min(full_pages, -(-(cfg.short_window + max_chunk) // PAGE) + 1)
+        ring = min(full_pages, sliding_admission_blocks(cfg.short_window + 1, max_chunk, PAGE))
         pages = sum(ring if r else full_pages for r in ring_layers)
         return 2 * batch * pages * PAGE * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
 

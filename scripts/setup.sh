@@ -70,6 +70,16 @@ sys.exit(0 if version('$(vllm_dist)') == '$(vllm_version)' else 1)" 2>/dev/null;
     rm -rf .venv/triton36
     .venv/vllm/bin/pip install -q --no-deps --target .venv/triton36 "triton==3.6.0"
   fi
+  # pytest for the GPU machine, which has neither pytest nor pip: scripts/gpu_check.sh runs tests/kernels with this
+  # folder on PYTHONPATH where that machine's python has no pytest, and the GPU call carries it
+  # (benchmarks/gpu/README.md). .venv/vllm's pytest version, pure-Python wheels only, and the dependencies it has on a
+  # Python < 3.11 (exceptiongroup, tomli: pip evaluates markers for this venv's 3.11), so it runs on any Python >= 3.10.
+  if [ ! -f .venv/gpu-pytest/pytest-9.2.0.dist-info/METADATA ]; then
+    echo "[setup] installing pytest==9.2.0 into .venv/gpu-pytest"
+    rm -rf .venv/gpu-pytest
+    .venv/vllm/bin/pip install -q --no-compile --target .venv/gpu-pytest --only-binary=:all: --python-version 3.10 \
+      --implementation py --abi none --platform any "pytest==9.2.0" exceptiongroup tomli
+  fi
   echo "[setup] .venv/vllm ready: $(.venv/vllm/bin/python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' 2>/dev/null | tail -1)"
 fi
 

@@ -1,6 +1,6 @@
-"""scripts/gpu_check.sh: its --dry-run (the same steps on CPU at tiny shapes, Triton interpreted) passes and writes
-the documented JSON, so a session that is lent a GPU spends its minutes measuring, not fixing typos; its report
-and its pytest-less test runner fail loudly.
+"""scripts/gpu_check.sh (the kit in benchmarks/gpu/): its --dry-run (the same steps on CPU at tiny shapes, Triton
+interpreted) passes and writes the documented JSON, its kernel tests run by the pytest carried in .venv/gpu-pytest,
+so a GPU run spends its minutes measuring, not fixing typos; its report fails loudly.
 
 The dry run is run once for the module (about a minute on an idle 2-core machine).
 """
@@ -19,7 +19,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-KERNEL_FIELDS = {"name", "ms", "torch_ms", "bytes", "flops", "gbps", "pct_copy", "tflops", "pct_floor",
+KIT = REPO / "benchmarks" / "gpu"
+GPU_PYTEST = REPO / ".venv" / "gpu-pytest"  # scripts/setup.sh
+KERNEL_FIELDS = {"name", "ms", "bytes", "flops", "gbps", "pct_copy", "tflops", "pct_floor",
                  "max_abs_err", "poisoned_runs", "reps", "ok", "error", "times_ms"}  # fmt: skip
 DECODE_ROW_FIELDS = {"windows", "ops", "batch", "ctx", "graph", "ms", "tok_s", "eager_ms", "eager_tok_s",
                      "pct_roofline", "pct_copy_roofline", "roofline_card", "kv_gb", "logits_vs_opt_in",
@@ -33,13 +35,30 @@ def _env() -> dict[str, str]:
     return {**env, "PYTHON": sys.executable}
 
 
+def carried_modules() -> list[str]:
+    """The top-level modules of .venv/gpu-pytest: pytest and every package it needs."""
+    assert (GPU_PYTEST / "pytest").is_dir(), "no .venv/gpu-pytest: run bash scripts/setup.sh"
+    return sorted(p.name.removesuffix(".py") for p in GPU_PYTEST.iterdir()
+                  if not p.name.endswith(".dist-info") and p.name not in ("bin", "__pycache__"))  # fmt: skip
+
+
+def block(folder: Path, names: list[str], why: str) -> Path:
+    """`folder` with a package per name whose import raises ImportError: put on PYTHONPATH, it hides the
+    installed module of that name (PYTHONPATH comes before site-packages)."""
+    for name in names:
+        (folder / name).mkdir()
+        (folder / name / "__init__.py").write_text(f"raise ImportError({f'{why}: {name}'!r})\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
-    # vLLM and SGLang are not on the GPU machines: importing either fails the dry run (the script keeps PYTHONPATH)
-    blocked = tmp_path_factory.mktemp("no_engines")
-    for engine in ("vllm", "sglang"):
-        (blocked / engine).mkdir()
-        (blocked / engine / "__init__.py").write_text(f"raise ImportError('the GPU check imported {engine}')\n")
+    # vLLM and SGLang are not on the GPU machines: importing either fails the dry run (the script keeps PYTHONPATH).
+    # Nor is pytest: this venv's pytest and each package .venv/gpu-pytest holds (pluggy, iniconfig, pygments, ...)
+    # are hidden the same way, so the script finds no pytest in the python, puts .venv/gpu-pytest ahead, and the
+    # kernel tests pass only if the carried folder alone provides pytest and everything it imports.
+    blocked = block(tmp_path_factory.mktemp("no_engines"), ["vllm", "sglang"], "the GPU check imported")
+    block(blocked, carried_modules(), "the GPU machine has no")
     out = tmp_path_factory.mktemp("gpu_check")
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], capture_output=True, text=True,
                           env={**_env(), "PYTHONPATH": str(blocked)}, timeout=900)  # fmt: skip
@@ -54,35 +73,35 @@ def test_dry_run_passes_and_prints_the_table_last(dry_run):
     assert summary.get("ok") is True, f"gpu_check.json says not ok: {summary.get('steps')}"
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("=== gpu_check.sh:") and "=== GPU check: PASSED" in lines[-2], lines[-4:]
-    assert "whole-model decode step" in proc.stdout and "relu2_linear M=" in proc.stdout, "the table is missing"
+    assert "whole-model decode step" in proc.stdout and "attn decode S" in proc.stdout, "the table is missing"
 
 
 def test_dry_run_json_has_every_documented_part(dry_run):
     _, s = dry_run
-    assert set(s) >= {"env", "kernel_tests", "kernel_tests_builtin", "warm", "kernels", "compare", "decode", "steps",
-                      "ok", "verdicts"}, sorted(s)  # fmt: skip
+    assert set(s) >= {"env", "kernel_tests", "warm", "kernels", "compare", "decode", "steps", "ok", "verdicts"}, \
+        sorted(s)  # fmt: skip
     assert {"name", "torch", "triton", "date", "commit", "dry_run", "pytest"} <= set(s["env"]), s["env"]
-    assert set(s["steps"]) == {"env", "kernel-tests", "kernel-tests-builtin", "warm", "kernels", "compare",
-                               "decode"}, s["steps"]  # fmt: skip
+    assert set(s["steps"]) == {"env", "kernel-tests", "warm", "kernels", "compare", "decode"}, s["steps"]
     assert all(step["rc"] == 0 for step in s["steps"].values()), s["steps"]
-    for key, runner in (("kernel_tests", "pytest"), ("kernel_tests_builtin", "builtin")):
-        t = s[key]
-        assert t["runner"].startswith(runner) and t["passed"] > 0 and t["failed"] == 0, t
+    # the kernel tests ran under the carried pytest (the python's own and its dependencies hidden)
+    assert s["env"]["pytest"]["from"] == ".venv/gpu-pytest", s["env"]["pytest"]
+    assert Path(s["env"]["pytest"]["path"]).resolve().is_relative_to(GPU_PYTEST.resolve()), s["env"]["pytest"]
+    t = s["kernel_tests"]
+    assert t["runner"].startswith("pytest 9.2.0 from .venv/gpu-pytest") and t["passed"] > 0 and t["failed"] == 0, t
 
 
-def test_dry_run_kernel_cases_cover_attention_and_relu2_and_check_the_reference(dry_run):
+def test_dry_run_kernel_cases_cover_attention_and_check_the_reference(dry_run):
     _, s = dry_run
     kernels = s["kernels"]["kernels"]
     assert {"copy_gbps", "gemm_tflops"} <= set(s["kernels"]["rates"])
     names = [k["name"] for k in kernels]
-    for part in ("attn decode S", "attn decode L", "attn prefill S", "attn prefill L", "relu2_linear"):
+    for part in ("attn decode S", "attn decode L", "attn prefill S", "attn prefill L"):
         assert any(n.startswith(part) for n in names), f"no {part!r} case in {names}"
     for k in kernels:
         assert set(k) == KERNEL_FIELDS, f"{k['name']}: fields {sorted(set(k) ^ KERNEL_FIELDS)}"
         assert k["ok"] and k["ms"] > 0 and k["bytes"] > 0 and k["flops"] > 0, k
         assert k["poisoned_runs"] == k["reps"] > 0, f"{k['name']}: outputs not poisoned"
         assert 0 <= k["max_abs_err"] < 0.05, f"{k['name']}: {k['max_abs_err']}"
-        assert (k["torch_ms"] is not None) == k["name"].startswith("relu2_linear"), k
 
 
 def test_dry_run_compares_ours_beside_peers_on_identical_inputs_and_decides(dry_run):
@@ -135,7 +154,7 @@ def test_dry_run_decode_has_parity_and_both_window_modes(dry_run):
 
 
 def test_report_fails_when_a_step_failed(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(KIT))
     import gpu_check
 
     (tmp_path / "steps.tsv").write_text("env\t0\t1\nkernel-tests\t1\t30\n")
@@ -145,7 +164,7 @@ def test_report_fails_when_a_step_failed(tmp_path, capsys):
 
 
 def test_poison_catches_an_output_the_launcher_did_not_fully_write():
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(KIT))
     import gpu_check
     import torch
 
@@ -173,28 +192,34 @@ def test_script_refuses_to_run_without_an_output_folder():
     assert proc.returncode == 2 and "results folder" in proc.stderr, proc.stderr
 
 
-def test_builtin_runner_reports_failures_and_unsupported_pytest_features(tmp_path):
-    # what the GPU machine runs when pytest is absent: a failing case fails, it is never skipped into green
+def test_carried_pytest_reports_failures_and_skips_and_the_report_counts_them(tmp_path):
+    # what the kernel-tests step runs on the GPU machine: the carried pytest, the python's own hidden; a failing
+    # case fails the step and is named in the report, a skip is counted apart, never as a pass
     (tmp_path / "test_fake.py").write_text(
         "import pytest\n"
         "@pytest.mark.parametrize('x', [1, 2, 3])\n"
         "def test_small(x):\n"
         "    assert x < 3, 'three is not small'\n"
-        "def test_uses_skip():\n"
-        "    pytest.skip('unsupported here')\n"
+        "def test_skipped():\n"
+        "    pytest.skip('not here')\n"
     )
-    out = tmp_path / "result.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "gpu_kernel_tests.py"), "--runner", "builtin", "--out", str(out),
-           "--file", str(tmp_path / "test_fake.py")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
-    result = json.loads(out.read_text())
+    (tmp_path / "hidden").mkdir()
+    hidden = block(tmp_path / "hidden", carried_modules(), "the GPU machine has no")
+    env = {**_env(), "PYTHONPATH": f"{GPU_PYTEST}:{hidden}"}
+    xml = tmp_path / "kernel_tests.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_fake.py",
+                           f"--junitxml={xml}"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert result["passed"] == 2 and sorted(result["failures"]) == ["test_small[3]", "test_uses_skip"], result
+    got = _gpu_check().kernel_tests(xml, {"version": "9.2.0", "from": ".venv/gpu-pytest"})
+    assert got["runner"] == "pytest 9.2.0 from .venv/gpu-pytest", got
+    assert (got["passed"], got["failed"], got["skipped"]) == (2, 1, 1), got
+    assert got["failures"] == ["test_fake::test_small[3]"], got
+    assert _gpu_check().kernel_tests(tmp_path / "absent.xml", None) is None
 
 
 def test_gpu_steps_fit_six_minutes_so_a_rerun_fits_the_device_budget():
     # the CUDA branch's per-step limits (env, kernel-tests, kernels, decode, compare, warm) add up to at most 6 min
-    cuda_limits = re.findall(r"LIMITS=\(([\d ]+)\)", SCRIPT.read_text())[-1]
+    cuda_limits = re.findall(r"LIMITS=\(([\d ]+)\)", (KIT / "run.sh").read_text())[-1]
     assert len(cuda_limits.split()) == 6 and sum(int(x) for x in cuda_limits.split()) <= 360, cuda_limits
 
 
@@ -219,7 +244,7 @@ def _times(median: float, spread: float = 0.2, n: int = 7) -> list[float]:
 
 
 def _gpu_check():
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(KIT))
     import gpu_check
 
     return gpu_check
@@ -304,7 +329,7 @@ def test_l2_rotation_is_sized_by_the_bytes_a_launch_reads():
 def test_sdpa_paged_decode_stand_in_matches_the_reference_in_fp32():
     """The whole-model step's "default" attention (torch SDPA over gathered in-window pages, capturable) computes
     the reference's paged attention: windowed and full, shuffled pages, sequences of different lengths."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(KIT))
     import gpu_timing
     import torch
 

@@ -4,9 +4,8 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors: this modul
 before triton is imported, because `triton.jit` picks interpreter or compiler when a kernel is defined (and
 the interpreter checks it again at launch, so it stays set for the process). With a GPU the same tests run the
 compiled kernels on CUDA tensors. The launchers are called directly here; the dispatchers send CPU tensors to
-the references, which `test_dispatch_*` checks. The GEMM with relu^2 in its epilogue (benchmarks/relu2_linear.py,
-a candidate the GPU check measures, not part of cognica_kernels) is tested here too: the GPU check's kernel-tests
-step runs this file.
+the references, which `test_dispatch_*` checks. The GPU check's kernel-tests step runs this folder (pytest,
+compiled on CUDA).
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton and of the kernels
 
 import importlib  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -32,15 +29,10 @@ from cognica_kernels import attention as attn_ops  # noqa: E402
 from cognica_kernels import relu2 as relu2_ops  # noqa: E402
 from cognica_kernels import token_pool  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import relu2_linear as relu2_linear_ops  # noqa: E402  (the fused candidate the GPU check measures)
-
 if not ON_GPU and not isinstance(relu2_ops._relu2_kernel, InterpretedFunction):
     # another test module imported the kernels before the variable was set: define them again, interpreted
     relu2_ops = importlib.reload(relu2_ops)
     attn_ops = importlib.reload(attn_ops)
-if not ON_GPU and not isinstance(relu2_linear_ops._relu2_linear_kernel, InterpretedFunction):
-    relu2_linear_ops = importlib.reload(relu2_linear_ops)
 
 # triton.language's own helpers (tl.cdiv, ...) are fixed when triton is first imported; if that happened before
 # this module set the variable, interpreted kernels calling them fail with an unrelated-looking error.
@@ -81,23 +73,6 @@ def test_relu2_matches_reference(shape, dtype, atol, rtol):
     _assert_close(y, relu2_ops.relu2_reference(x), atol, rtol, "relu2")
 
 
-# benchmarks/relu2_linear.py: no plugin runs it; the GPU check measures it against F.linear + relu2
-@pytest.mark.parametrize("dtype, atol, rtol", [FP32, (torch.bfloat16, 5e-2, 3e-2)])
-@pytest.mark.parametrize("lead_shape", [(1,), (33,), (2, 5)], ids=["decode", "odd-M", "3d"])
-def test_relu2_linear_matches_reference(lead_shape, dtype, atol, rtol):
-    # K=96 and N=80 are not multiples of the K/N tiles: the masked tails are exercised
-    torch.manual_seed(0)
-    x = (torch.randn(*lead_shape, 96) / 4).to(device=DEVICE, dtype=dtype)
-    w = (torch.randn(80, 96) / 4).to(device=DEVICE, dtype=dtype)
-    y = relu2_linear_ops.relu2_linear_triton(x, w)
-    expected = relu2_linear_ops.relu2_linear_reference(x, w)
-    assert y.shape == (*lead_shape, 80), f"shape {tuple(y.shape)}"
-    assert (expected == 0).any() and (expected > 0).any(), "inputs must hit both sides of the relu"
-    # the reference rounds the matmul to dtype before squaring: its bf16 error scales with the largest value
-    scale = expected.abs().max().item() if dtype != torch.float32 else 1.0
-    _assert_close(y, expected, atol * scale, rtol, "relu2_linear")
-
-
 class _ReportsCuda:
     """Stands in for a CUDA tensor: the dispatchers only ask `is_cuda` before handing it to a launcher."""
 
@@ -106,22 +81,17 @@ class _ReportsCuda:
 
 def test_dispatch_sends_cuda_tensors_to_triton_and_cpu_tensors_to_the_reference(monkeypatch):
     calls = []
-    monkeypatch.setattr(relu2_linear_ops, "relu2_linear_triton", lambda x, w: calls.append("gemm") or "triton")
     monkeypatch.setattr(relu2_ops, "relu2_triton", lambda x: calls.append("relu2") or "triton")
     monkeypatch.setattr(attn_ops, "paged_attention_triton", lambda *a, **k: calls.append("attn") or "triton")
     fake = _ReportsCuda()
     assert relu2_ops.uses_triton(fake), "a CUDA tensor must take the Triton path"
-    assert relu2_linear_ops.relu2_linear(fake, fake) == "triton", (
-        "relu2_linear did not dispatch a CUDA tensor to Triton")
     assert relu2_ops.relu2(fake) == "triton", "relu2 did not dispatch a CUDA tensor to Triton"
     assert attn_ops.paged_attention(fake, *[None] * 5, 1.0, None) == "triton", "attention did not use Triton"
-    assert calls == ["gemm", "relu2", "attn"], f"launchers called: {calls}"
+    assert calls == ["relu2", "attn"], f"launchers called: {calls}"
 
     calls.clear()
-    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    x = torch.randn(3, 8)
     assert not relu2_ops.uses_triton(x), "a CPU tensor must take the torch reference"
-    assert torch.equal(relu2_linear_ops.relu2_linear(x, w), relu2_linear_ops.relu2_linear_reference(x, w)), (
-        "CPU relu2_linear")
     assert torch.equal(relu2_ops.relu2(x), relu2_ops.relu2_reference(x)), "CPU relu2"
     batch = _paged_batch([2, 1], [2, 3], 2, 2, 64, torch.float32, device="cpu")
     assert torch.equal(attn_ops.paged_attention(*batch, None), attn_ops.paged_attention_reference(*batch, None))

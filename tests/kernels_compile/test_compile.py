@@ -3,7 +3,7 @@ variants production launches compile without spills at >= 25 % occupancy with a 
 FA-class prefill tiles, one program per SM by design: without spills, in the SM's shared memory, double-buffered).
 
 Two checks. `test_every_kernel_lowers_...` compiles hand-written configurations (GQA, head_dim 64, fp32) for
-legality, the GPU check's fused relu^2 GEMM candidate (benchmarks/relu2_linear.py) included.
+legality.
 `test_production_variants_...` runs the real launchers at the model's production shapes and strides (vLLM's
 KV view, SGLang's token pool) with `JITFunction.run` replaced by a recorder, applies Triton's own launch-time
 specialisation to each recorded call and compiles what a launch would compile;
@@ -36,23 +36,9 @@ def _variants() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
     """(label, kernel, pointer dtypes, constexprs) for each kernel configuration the launchers can pick."""
     from cognica_kernels import attention, relu2
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import relu2_linear  # the fused GEMM candidate the GPU check measures (no plugin runs it)
-
     out: list[tuple[str, object, dict[str, str], dict[str, object]]] = []
     for dtype in ("bf16", "fp32"):
         out.append((f"relu2/{dtype}", relu2._relu2_kernel, {"x_ptr": dtype, "y_ptr": dtype}, {"BLOCK_SIZE": 1024}))
-    for m in (1, 64, 4096):
-        block_m, block_n, block_k, _, _ = relu2_linear._gemm_settings(m)
-        # fp32 (parity runs only) at the decode tile: ieee fp32 dots on 128x128 tiles take ~30 s to compile
-        for dtype in ("bf16", "fp32") if m == 1 else ("bf16",):
-            out.append((
-                f"relu2_linear/{dtype}/BLOCK_M{block_m}",
-                relu2_linear._relu2_linear_kernel,
-                {"x_ptr": dtype, "w_ptr": dtype, "y_ptr": dtype},
-                {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "DOT_FP32": False,
-                 "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
-            ))  # fmt: skip
     # (label, dtype, head_dim, group, block_q, splits, page_size): decode and prefill tiles, MHA (the model) and
     # GQA, both head dims, split-K, SGLang's page size 1.
     attn_cases = [

@@ -1,14 +1,13 @@
-"""Kernel timings of the GPU check, and its final report. Run by `scripts/gpu_check.sh`, which documents the whole.
+"""Kernel timings of the GPU check, its side-by-side compare, and its final report. Run by `run.sh` beside this
+file (entry point `scripts/gpu_check.sh`; README.md here documents the whole).
 
-    python benchmarks/gpu_check.py kernels --out OUT/kernels.json [--dry-run]
-    python benchmarks/gpu_check.py report OUT          # prints the table, writes OUT/gpu_check.json
+    python benchmarks/gpu/gpu_check.py kernels --out OUT/kernels.json [--dry-run]
+    python benchmarks/gpu/gpu_check.py report OUT          # prints the table, writes OUT/gpu_check.json
 
-Each case times one of our Triton launchers (`cognica_kernels.attention.paged_attention_triton`, and
-`relu2_linear_triton` of benchmarks/relu2_linear.py, a fused c_fc + relu^2 candidate no plugin runs, against the
-product's `F.linear` + relu^2) in bf16: the median of CUDA-event intervals after warm-up, L2 flushed and fresh
-random queries / activations before every timed run, and the output poisoned before every run (the launcher's
-`torch.empty` of its output returns a NaN-filled tensor prepared beforehand) and checked free of
-NaN after it. Once per case the output is compared with the kernel's torch
+Each case times our Triton attention launcher (`cognica_kernels.attention.paged_attention_triton`) in bf16: the
+median of CUDA-event intervals after warm-up, L2 flushed and fresh random queries before every timed run, and the
+output poisoned before every run (the launcher's `torch.empty` of its output returns a NaN-filled tensor prepared
+beforehand) and checked free of NaN after it. Once per case the output is compared with the kernel's torch
 reference on the same inputs. Each case's floor is `max(bytes / copy rate, FLOPs / GEMM rate)`, both rates
 measured on the same device (a 1 GiB device-to-device copy, an 8192^3 bf16 matmul); `pct_floor` is floor / time.
 """
@@ -25,31 +24,29 @@ import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import relu2_linear  # noqa: E402
 from gpu_timing import Timer, copy_rate_gbps, device_info, gemm_rate_tflops, paged_inputs  # noqa: E402
 
 from cognica_kernels import attention, relu2, token_pool  # noqa: E402
 
-# The model's attention and MLP shapes (shared/spec/model.md); the dry run shrinks them for the interpreter.
+# The model's attention shapes (shared/spec/model.md); the dry run shrinks them for the interpreter.
 GPU_PROFILE = {
     "heads": 12, "head_dim": 128, "window_left": 512, "page": 16, "decode_batches": (1, 32, 256),
-    "decode_ctxs": (512, 2048), "prefill": (8, 2048, (512, 2048)), "gemm_kn": (1536, 6144),
-    "gemm_ms": (1, 32, 256, 8 * 2048), "reps": 20, "warmup": 3, "copy_bytes": 1 << 30, "gemm_rate_n": 8192,
+    "decode_ctxs": (512, 2048), "prefill": (8, 2048, (512, 2048)), "reps": 20, "warmup": 3, "copy_bytes": 1 << 30,
+    "gemm_rate_n": 8192,
 }  # fmt: skip
 DRY_PROFILE = {
     "heads": 2, "head_dim": 64, "window_left": 32, "page": 16, "decode_batches": (1, 3), "decode_ctxs": (40,),
-    "prefill": (2, 48, (16, 48)), "gemm_kn": (128, 512), "gemm_ms": (1, 20), "reps": 1, "warmup": 1,
-    "copy_bytes": 1 << 20, "gemm_rate_n": 128,
+    "prefill": (2, 48, (16, 48)), "reps": 1, "warmup": 1, "copy_bytes": 1 << 20, "gemm_rate_n": 128,
 }  # fmt: skip
 DTYPE = torch.bfloat16
 # (atol, rtol), atol relative to the largest reference output: attention over 2048 random keys averages V down to
 # ~0.03, where an absolute 2e-2 (tests/kernels/test_kernels.py's BF16) would pass a kernel that read the wrong keys.
 ATTN_TOL = (2e-2, 2e-2)
-GEMM_TOL = (5e-2, 3e-2)  # as tests/kernels/test_kernels.py's bf16 relu2_linear
 
 
 @dataclass
@@ -58,7 +55,6 @@ class KernelCase:
 
     name: str
     ms: float = math.nan  # Triton, median
-    torch_ms: float | None = None  # F.linear + relu^2 (relu2_linear only)
     bytes: int = 0  # unique bytes the op must move (inputs read once, output written once)
     flops: int = 0
     gbps: float = math.nan  # bytes / ms
@@ -238,47 +234,6 @@ def _attention_case(
     _finish(case, rates, ok)
 
 
-def gemm_cases(profile: dict, timer: Timer, rates: dict[str, float], writer: RowWriter) -> list[KernelCase]:
-    device, out = timer.device, []
-    k, n = profile["gemm_kn"]
-    g = torch.Generator(device=device).manual_seed(7)
-    w = (torch.randn(n, k, device=device, dtype=DTYPE, generator=g) / 40).contiguous()
-    for m in profile["gemm_ms"]:
-        case = KernelCase(f"relu2_linear M={m} K={k} N={n}")
-        out.append(case)
-        print(f"  {case.name}", flush=True)
-        try:
-            _gemm_case(case, m, w, g, profile, timer, rates)
-        except Exception as e:
-            case.error = f"{type(e).__name__}: {e}"
-            print(f"    FAILED: {case.error}", flush=True)
-        writer.add(asdict(case))
-    return out
-
-
-def _gemm_case(
-    case: KernelCase, m: int, w: torch.Tensor, g: torch.Generator, profile: dict, timer: Timer, rates: dict[str, float]
-) -> None:
-    n, k = w.shape
-    state: dict[str, torch.Tensor] = {}
-
-    def refresh() -> None:
-        state["x"] = torch.randn(m, k, device=timer.device, dtype=DTYPE)
-
-    case.bytes = (m * k + n * k + m * n) * DTYPE.itemsize
-    case.flops = 2 * m * n * k
-    _time_case(case, timer, profile, relu2_linear, (m, n), refresh,
-               lambda: [relu2_linear.relu2_linear_triton(state["x"], w)])
-    case.torch_ms, _ = timer.median_ms(
-        lambda: relu2_linear.relu2_linear_reference(state["x"], w), profile["reps"], profile["warmup"], refresh
-    )
-    x = torch.randn(m, k, device=timer.device, dtype=DTYPE, generator=g)
-    got, ref = relu2_linear.relu2_linear_triton(x, w).float(), relu2_linear.relu2_linear_reference(x, w).float()
-    case.max_abs_err = float((got - ref).abs().max())
-    atol, rtol = GEMM_TOL
-    _finish(case, rates, bool(((got - ref).abs() <= atol * ref.abs().max() + rtol * ref.abs()).all()))
-
-
 def _report_row(row: dict, writer) -> None:
     """Print a timed row's summary (ours and each peer, microseconds) and write it to the JSON as it finishes."""
     print(f"    ours {_fmt(row['ours_us'], '8.1f')} us ok={row['ours_ok']}; "
@@ -298,7 +253,7 @@ def run_kernels(out_path: Path, dry_run: bool) -> int:
     }
     print(f"  measured: copy {rates['copy_gbps']:.0f} GB/s, bf16 GEMM {rates['gemm_tflops']:.1f} TFLOP/s", flush=True)
     writer = RowWriter(out_path, {"device": device_info(device), "dry_run": dry_run, "rates": rates}, key="kernels")
-    cases = attention_cases(profile, timer, rates, writer) + gemm_cases(profile, timer, rates, writer)
+    cases = attention_cases(profile, timer, rates, writer)
     writer.header["seconds"] = round(time.time() - t0, 1)
     writer.write(complete=True)
     failed = [c.name for c in cases if not c.ok]
@@ -664,11 +619,6 @@ def warm_kernel_cases(profile: dict, device: torch.device) -> int:
                 attention.paged_attention_triton(q, kc, vc, bt, torch.full_like(sl, first + q_len), qsl, scale,
                                                  window, max_query_len=q_len, max_seq_len=first + q_len)  # fmt: skip
                 launches += 1
-    k, n = profile["gemm_kn"]
-    w = torch.randn(n, k, device=device, dtype=DTYPE)
-    for m in profile["gemm_ms"]:
-        relu2_linear.relu2_linear_triton(torch.randn(m, k, device=device, dtype=DTYPE), w)
-        launches += 1
     return launches
 
 
@@ -680,9 +630,7 @@ def run_compare(out_path: Path, dry_run: bool, warm: bool = False) -> int:
     p = COMPARE_DRY if dry_run else COMPARE_GPU
     torch.manual_seed(0)
     t0 = time.time()
-    writer = RowWriter(out_path, {"device": device_info(device), "profile": p, "warm_only": warm,
-                                  "informational": "relu2_linear (no plugin runs it) is in kernels.json only, "
-                                                   "outside the verdicts"})  # fmt: skip
+    writer = RowWriter(out_path, {"device": device_info(device), "profile": p, "warm_only": warm})
     attention_compare(p, device, cuda, writer, timed=not warm)
     relu2_compare(p, device, cuda, writer, timed=not warm)
     if warm:  # and the kernels step's launch configurations
@@ -757,14 +705,36 @@ def _half_spread(times: list[float] | None) -> str:
     return f" +-{_spread(times) / 2:.1f}" if times else ""
 
 
+def kernel_tests(junit_xml: Path, pytest_info: dict | None) -> dict[str, object] | None:
+    """The `kernel_tests` object of gpu_check.json from the kernel-tests step's JUnit XML (pytest --junitxml):
+    which pytest ran them (the env step's `pytest`), counts, the failing test ids, seconds. None: no XML."""
+    if not junit_xml.exists():
+        return None
+    failures, counts = [], {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    seconds = 0.0
+    for suite in ElementTree.parse(junit_xml).getroot().iter("testsuite"):
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+        seconds += float(suite.get("time", 0))
+        for case in suite.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failures.append(f"{case.get('classname')}::{case.get('name')}")
+    info = pytest_info or {}
+    failed = counts["failures"] + counts["errors"]
+    return {"runner": f"pytest {info.get('version', '?')} from {info.get('from', '?')}",
+            "passed": counts["tests"] - failed - counts["skipped"], "failed": failed, "skipped": counts["skipped"],
+            "failures": sorted(failures), "seconds": round(seconds, 1)}  # fmt: skip
+
+
 def report(out_dir: Path) -> int:
     """Merge the step files into OUT/gpu_check.json and print the summary table; non-zero if anything failed."""
     parts: dict[str, object] = {}
-    for name in ("env", "kernel_tests", "kernel_tests_builtin", "warm", "kernels", "compare", "decode"):
+    for name in ("env", "warm", "kernels", "compare", "decode"):
         path = out_dir / f"{name}.json"
         parts[name] = json.loads(path.read_text()) if path.exists() else None
+    parts["kernel_tests"] = kernel_tests(out_dir / "kernel_tests.xml", (parts["env"] or {}).get("pytest"))
     steps = {}
-    if (out_dir / "steps.tsv").exists():  # written by scripts/gpu_check.sh: name, exit code, seconds
+    if (out_dir / "steps.tsv").exists():  # written by run.sh: name, exit code, seconds
         for line in (out_dir / "steps.tsv").read_text().splitlines():
             name, rc, seconds = line.split("\t")
             steps[name] = {"rc": int(rc), "seconds": int(seconds)}
@@ -779,20 +749,19 @@ def report(out_dir: Path) -> int:
           f"{'DRY RUN (CPU, interpreter): times mean nothing' if env.get('dry_run') else 'compiled'}")  # fmt: skip
     for step, s in steps.items():
         print(f"  step {step:<20} exit {s['rc']:>3}  {s['seconds']:>5} s")
-    for key in ("kernel_tests", "kernel_tests_builtin"):
-        tests = parts[key]
-        if tests:
-            print(f"  kernel tests ({tests['runner']}): {tests['passed']} passed, {tests['failed']} failed "
-                  f"{tests['failures'] or ''}")  # fmt: skip
+    tests = parts["kernel_tests"]
+    if tests:
+        print(f"  kernel tests ({tests['runner']}): {tests['passed']} passed, {tests['failed']} failed, "
+              f"{tests['skipped']} skipped {tests['failures'] or ''}")  # fmt: skip
     kern = parts["kernels"]
     if kern:
         r = kern["rates"]
         print(f"\nkernels (bf16; floor = max(bytes / copy {r['copy_gbps']:.0f} GB/s, FLOPs / GEMM "
               f"{r['gemm_tflops']:.1f} TFLOP/s))")  # fmt: skip
-        print(f"{'case':<40} {'ms':>8} {'torch ms':>9} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'%floor':>7} "
+        print(f"{'case':<40} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} {'%floor':>7} "
               f"{'max err':>8} ok")  # fmt: skip
         for c in kern["kernels"]:
-            print(f"{c['name']:<40} {_fmt(c['ms'], '8.3f')} {_fmt(c['torch_ms'], '9.3f')} {_fmt(c['gbps'], '7.0f')} "
+            print(f"{c['name']:<40} {_fmt(c['ms'], '8.3f')} {_fmt(c['gbps'], '7.0f')} "
                   f"{_fmt(c['pct_copy'], '6.0f')} {_fmt(c['tflops'], '8.1f')} {_fmt(c['pct_floor'], '7.0f')} "
                   f"{_fmt(c['max_abs_err'], '8.1e')} {'yes' if c['ok'] else 'NO: ' + str(c['error'])}")  # fmt: skip
     dec = parts["decode"]

@@ -1,10 +1,11 @@
-"""Kernel benchmarks on CUDA; on a machine without one, the decode roofline model of docs/performance.md.
+"""The decode roofline model of docs/performance.md, vLLM's sliding-window admission rule, and quick kernel timings.
 
-    python benchmarks/kernels.py            # CUDA: times each kernel against torch (and vLLM's flash-attn if
-                                            # importable); no CUDA: prints the bandwidth roofline table
-    python benchmarks/kernels.py --model    # the roofline table even on a GPU machine
+    python benchmarks/gpu/roofline.py           # CUDA: times each kernel against torch (and vLLM's flash-attn if
+                                                # importable); no CUDA: prints the bandwidth roofline table
+    python benchmarks/gpu/roofline.py --model   # the roofline table even on a GPU machine
 
-Nothing here has been run on a GPU yet: no measured numbers exist for these kernels.
+Named `roofline`, not `kernels`: PyPI's `kernels` package (which transformers imports) must stay importable beside
+it. Nothing here has been run on a GPU yet: no measured numbers exist for these kernels.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ def keys_read(cfg: CognicaConfig, ctx: int, sssl: bool) -> int:
     """Keys read over all layers by one decode query with `ctx` keys in its sequence (S layers: the query and the
     `short_window` keys before it)."""
     return sum(min(ctx, keys) if sssl else ctx for keys in cfg.window_keys)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division."""
+    return -(-a // b)
+
+
+def sliding_admission_blocks(window_keys: int, in_flight: int, block: int) -> int:
+    """Blocks vLLM 0.32 reserves per request for a sliding layer: cdiv(window_keys - 1 + in-flight tokens, block) + 1
+    (`SlidingWindowSpec.max_admission_blocks_per_request` in vllm/v1/kv_cache_interface.py, its `sliding_window`
+    being our `window_keys`: the query and the `window_left` keys before it). Blocks that leave the window are
+    reused, so this bounds what a sequence holds in that layer however long it grows."""
+    return cdiv(window_keys - 1 + in_flight, block) + 1
 
 
 def flops_per_token(cfg: CognicaConfig, ctx: int, sssl: bool) -> int:
@@ -126,21 +140,14 @@ def _flash_attn() -> Callable | None:
 
 
 def run_cuda_benchmarks() -> None:
-    from relu2_linear import relu2_linear_reference, relu2_linear_triton  # beside this file (sys.path[0])
-
     from cognica_kernels import relu2
 
     m = RELEASE
     timer = Timer(torch.device("cuda"))
     print(f"device: {torch.cuda.get_device_name()}; times are medians in ms")
     print(f"{'op':<38} {'triton':>8} {'torch':>8} {'engine':>8}")
-    w = torch.randn(m.mlp_hidden, m.n_embd, device="cuda", dtype=torch.bfloat16) / 40
     for rows in (1, 32, 256, 8 * 2048):
-        x = torch.randn(rows, m.n_embd, device="cuda", dtype=torch.bfloat16)
         h = torch.randn(rows, m.mlp_hidden, device="cuda", dtype=torch.bfloat16)
-        t_gemm = _bench(timer, lambda x=x: relu2_linear_triton(x, w))
-        r_gemm = _bench(timer, lambda x=x: relu2_linear_reference(x, w))
-        print(f"{f'relu2_linear M={rows}':<38} {t_gemm:>8.3f} {r_gemm:>8.3f} {'':>8}")
         t_act = _bench(timer, lambda h=h: relu2.relu2_triton(h))
         r_act = _bench(timer, lambda h=h: relu2.relu2_reference(h))
         print(f"{f'relu2 [{rows}, {m.mlp_hidden}]':<38} {t_act:>8.3f} {r_act:>8.3f} {'':>8}")

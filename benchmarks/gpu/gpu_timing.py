@@ -1,5 +1,5 @@
-"""Timing helpers and paged attention inputs of the benchmarks (benchmarks/gpu_check.py, benchmarks/paged_decode.py,
-benchmarks/kernels.py): torch and triton only. One timer (`Timer`), one paged-input builder (`paged_inputs`), and
+"""Timing helpers and paged attention inputs of the GPU kit (gpu_check.py, paged_decode.py, roofline.py beside
+this file): torch and triton only. One timer (`Timer`), one paged-input builder (`paged_inputs`), and
 torch SDPA over a paged cache (`sdpa_paged_decode`).
 
 On CUDA a time is the median of CUDA-event intervals, warm-up runs excluded, with L2 flushed (a 256 MB buffer
@@ -110,7 +110,7 @@ def sdpa_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       seq_lens: torch.Tensor, scale: float, window_left: int) -> torch.Tensor:
     """Decode attention (one query per sequence, q `[B, heads, hd]`) by torch SDPA over the pages that hold each
     sequence's window, gathered through the block table: fixed shapes and no host sync, so a CUDA graph captures it.
-    The stand-in for the engines' default attention in the "default" rows of benchmarks/paged_decode.py."""
+    The stand-in for the engines' default attention in the "default" rows of paged_decode.py."""
     batch, pages = block_table.shape
     page = key_cache.shape[1]
     nkv, hd = key_cache.shape[2], key_cache.shape[3]
