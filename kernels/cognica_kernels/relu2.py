@@ -4,9 +4,8 @@ Layout: x of any shape, any float dtype (bf16 in the model); output the same sha
 read, one write, rounded once.
 
 The public entry runs Triton on CUDA tensors and the plain-torch reference everywhere else (the CPU serving path:
-the Triton interpreter is far too slow to serve and crashed under torch.compile, see engines.md). A GEMM with
-relu^2 in its epilogue is not part of the package: no plugin runs one; the GPU check measures such a candidate,
-benchmarks/relu2_linear.py, against the product's `F.linear` + `relu2`.
+the Triton interpreter is far too slow to serve and crashed under torch.compile, see engines.md). The MLP's GEMMs
+stay the engines' own linear layers.
 """
 
 from __future__ import annotations
