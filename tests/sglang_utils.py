@@ -89,6 +89,17 @@ def server_command(model_dir: os.PathLike, port: int, *extra: str) -> list[str]:
             "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192", *extra]
 
 
+def serve_sglang(model_dir: os.PathLike, log: os.PathLike, *extra: str):
+    """`server_command(model_dir, a free port, *extra)` as a context manager yielding the running server
+    (`tests.server_utils.serve`, up to 300 s to start). SGLANG_EXTERNAL_MODEL_PACKAGE is unset: the server must find
+    the model through the plugin's entry point alone."""
+    from tests.server_utils import free_port, serve
+
+    port = free_port()
+    return serve(server_command(model_dir, port, *extra), "default", port, log,
+                 unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=300, model_dir=model_dir)
+
+
 def engine_start_refusal(model_dir: os.PathLike, engine_kwargs: str) -> tuple[int, str, str]:
     """Try `sglang.Engine(model_dir, CPU form, **engine_kwargs)` in a fresh process, counting the processes it starts
     (as tests/engine_start_driver.py does). Returns (exit code, stdout, stderr): exit 0 with

@@ -17,11 +17,9 @@ from tests.server_utils import (  # noqa: E402
     EmbeddingTests,
     check_stage_exit_embeddings,
     embeddings,
-    free_port,
-    serve,
     tokenized_checkpoint,
 )
-from tests.sglang_utils import BOS, engine_start_refusal, random_prompt, server_command  # noqa: E402
+from tests.sglang_utils import BOS, engine_start_refusal, random_prompt, serve_sglang  # noqa: E402
 
 ATOL = 1e-4
 # a single token (no smear), short prompts, and 600 tokens: past the tiny preset's 256-key S window
@@ -35,11 +33,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    port = free_port()
-    cmd = server_command(model_dir, port, "--is-embedding")
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    with serve(cmd, "default", port, log, unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=300,
-               model_dir=model_dir) as s:
+    with serve_sglang(model_dir, tmp_path_factory.mktemp("log") / "server.log", "--is-embedding") as s:
         yield s
 
 
@@ -52,11 +46,8 @@ def test_stage_prefix_embedding_equals_the_reference_stage_exit(tmp_path):
     stage-1 exit's (layers 0-1, no backout), normed and L2-normalised."""
     poe = make_checkpoint(tmp_path / "poe", preset="tiny", seed=5, tokenizer=False, progress=False, n_layer=8,
                           poe_mode="flat", poe_every=2)
-    port = free_port()
-    cmd = server_command(poe, port, "--is-embedding", "--skip-tokenizer-init", "--json-model-override-args",
-                         '{"poe_exit_stage": 1}')
-    with serve(cmd, "default", port, tmp_path / "server.log", unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",),
-               startup_s=300, model_dir=poe) as s:
+    with serve_sglang(poe, tmp_path / "server.log", "--is-embedding", "--skip-tokenizer-init",
+                      "--json-model-override-args", '{"poe_exit_stage": 1}') as s:
         got = embeddings(s, PROMPTS)
     check_stage_exit_embeddings(poe, 1, PROMPTS, got, ATOL)
 

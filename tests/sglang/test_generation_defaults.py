@@ -13,14 +13,14 @@ default; the OpenAI endpoints always send their own temperature (`/v1/completion
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 
-from tests.server_utils import free_port, reference_text, serve  # noqa: E402
+from tests.server_utils import reference_text  # noqa: E402
+from tests.sglang_utils import serve_sglang  # noqa: E402
 
 GREEDY_FLAG = ["--preferred-sampling-params", '{"temperature": 0}']  # as README.md's quick start gives it
 PROMPT, MAX_TOKENS = "Once upon a time,", 16
@@ -28,13 +28,7 @@ PROMPT, MAX_TOKENS = "Once upon a time,", 16
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    port = free_port()
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_ckpt), "--device", "cpu",
-           "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192", *GREEDY_FLAG]
-    log = tmp_path_factory.mktemp("sglang_gen_defaults") / "server.log"
-    with serve(cmd, "default", port, log, unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=300,
-               model_dir=tiny_ckpt) as s:
+    with serve_sglang(tiny_ckpt, tmp_path_factory.mktemp("sglang_gen_defaults") / "server.log", *GREEDY_FLAG) as s:
         yield s
 
 

@@ -33,9 +33,8 @@ from tests.server_utils import (  # noqa: E402
     check_server_refuses_bad_checkpoint,
     error_message,
     free_port,
-    serve,
 )
-from tests.sglang_utils import BOS, EngineSlot, check_parity, greedy, lps, random_prompt, run  # noqa: E402
+from tests.sglang_utils import BOS, EngineSlot, check_parity, greedy, lps, random_prompt, run, serve_sglang  # noqa: E402
 from tests.utils import FP32_LOGPROB_ATOL, assert_bf16_close, bf16_tolerance  # noqa: E402
 
 CONTEXT = 1024
@@ -248,15 +247,9 @@ def server(tmp_path_factory, engines):
     model_dir = make_checkpoint(tmp_path_factory.mktemp("served"), preset="tiny", seed=0, tokenizer=True,
                                 progress=False)
     convert_tokenizer(model_dir)
-    port = free_port()
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
-           "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--disable-cuda-graph", "--skip-server-warmup", "--max-total-tokens", "8192",
-           "--chat-template", str(TEMPLATE_PATH)]  # the opt-in nanochat template, as the README says
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    # no SGLANG_EXTERNAL_MODEL_PACKAGE: the server must find the model through the entry point alone
-    with serve(cmd, "default", port, log, unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=300,
-               model_dir=model_dir) as s:
+    # the opt-in nanochat template, as the README says
+    with serve_sglang(model_dir, tmp_path_factory.mktemp("log") / "server.log", "--chat-template",
+                      str(TEMPLATE_PATH)) as s:
         yield s
 
 

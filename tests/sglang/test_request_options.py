@@ -22,12 +22,10 @@ from tests.server_utils import (  # noqa: E402
     SHARED_COMPLETION_OPTIONS,
     check_request_option,
     completion,
-    free_port,
     reference_text,
-    serve,
     tokenized_checkpoint,
 )
-from tests.sglang_utils import server_command  # noqa: E402
+from tests.sglang_utils import serve_sglang  # noqa: E402
 
 BOS = 32759
 JSON_SCHEMA = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
@@ -93,12 +91,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    port = free_port()
-    cmd = server_command(model_dir, port, "--disable-radix-cache", "--enable-custom-logit-processor",
-                         "--enable-return-hidden-states")
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    with serve(cmd, "default", port, log, unset=("SGLANG_EXTERNAL_MODEL_PACKAGE",), startup_s=300,
-               model_dir=model_dir) as s:
+    with serve_sglang(model_dir, tmp_path_factory.mktemp("log") / "server.log", "--disable-radix-cache",
+                      "--enable-custom-logit-processor", "--enable-return-hidden-states") as s:
         yield s
 
 
