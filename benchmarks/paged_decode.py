@@ -4,12 +4,13 @@
 
 The model is the factory's random-weight checkpoint (`cognica.factory.make_weights`, the same tensors
 `cognica make-checkpoint --preset full --seed 0` writes; generated in memory, no tokenizer, nothing on disk) loaded
-into the reference `cognica.model.CognicaGPT`, whose weights the harness reuses. One step is, per layer: the
-`cognica.layers` formulas (norm, smear, value embeddings, rotary, QK norm, residual mixing, backout, soft-cap),
-one fused QKV `F.linear`, a K/V write through a slot mapping, `cognica_kernels.attention.paged_attention_triton`
-over block tables, and the MLP as the plugins run it with `COGNICA_KERNELS=triton`: `F.linear` c_fc, the Triton
-`cognica_kernels.relu2.relu2_triton`, `F.linear` c_proj (benchmarks/relu2_linear.py's fused GEMM, which no plugin
-runs, is not used).
+into the reference `cognica.model.CognicaGPT`, whose blocks the harness runs as they are, with two pieces injected
+(`CognicaBlock.forward`'s `attend` and `act`): one step is the embedding and smear, then `cognica.layers.run_layers`
+(residual mixing, backout, the final exit) over the reference blocks (norm, the c_q / c_k / c_v projections, value
+embeddings, rotary, QK norm), whose attention is a K/V write through a slot mapping and
+`cognica_kernels.attention.paged_attention_triton` over block tables, and whose MLP is as the plugins run it with
+`COGNICA_KERNELS=triton`: c_fc, the Triton `cognica_kernels.relu2.relu2_triton`, c_proj (benchmarks/relu2_linear.py's
+fused GEMM, which no plugin runs, is not used); then lm_head and the soft-cap.
 The launchers are called directly (not the dispatchers), so the dry run on CPU runs the same kernels in Triton's
 interpreter.
 
@@ -45,7 +46,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_timing import Timer, copy_rate_gbps, device_info, sdpa_paged_decode  # noqa: E402
@@ -54,7 +54,7 @@ from roofline import GPUS, decode_step_bytes, sliding_admission_blocks  # noqa: 
 from cognica import layers  # noqa: E402
 from cognica.config import CognicaConfig  # noqa: E402
 from cognica.factory import PRESETS, make_weights  # noqa: E402
-from cognica.model import CognicaGPT  # noqa: E402
+from cognica.model import Attend, CognicaGPT  # noqa: E402
 from cognica.parity import assert_bf16_close, assert_fp32_parity, bf16_tolerance, random_prompts  # noqa: E402
 from cognica_kernels.attention import paged_attention_triton  # noqa: E402
 from cognica_kernels.relu2 import relu2_triton  # noqa: E402
@@ -136,55 +136,50 @@ class PagedCognica:
             "the harness runs the whole model through its final head (no PoE stage prefix or Log-OP head)"
         assert ops in ("opt-in", "default"), ops
         self.ref, self.cfg, self.window_left, self.ops = ref, cfg, window_left, ops
-        self.qkv = [
-            torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).contiguous() for b in ref.transformer.h
-        ]
+        self.act = layers.relu2 if ops == "default" else relu2_triton  # torch's relu(x).square(), or the kernel
+
+    def paged_attend(self, step: Step, cache: PagedKVCache) -> Attend:
+        """The blocks' attention for one step (`cognica.model.Attend`, tokens [T, heads, head_dim]): this step's K/V
+        written through the slot mapping, then `paged_attention_triton` over the block tables (`sdpa_paged_decode`
+        for a "default" decode step). Each layer's window is this harness's (`window_left`: the whole context in
+        the all-full rows), not the block's own."""
+        hd = self.cfg.head_dim
+        slots = {kind: cache.slots(kind, step) for kind in set(cache.kinds)}
+        tables = {kind: table.index_select(0, step.seq_idx) for kind, table in cache.tables.items()}
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int, _block_window: int) -> torch.Tensor:
+            kind = cache.kinds[i]
+            cache.k[i].view(-1, *k.shape[1:])[slots[kind]] = k
+            cache.v[i].view(-1, *v.shape[1:])[slots[kind]] = v
+            if self.ops == "default" and step.max_query_len == 1:
+                return sdpa_paged_decode(q, cache.k[i], cache.v[i], tables[kind], step.seq_lens, hd**-0.5,
+                                         self.window_left[i])  # fmt: skip
+            return paged_attention_triton(
+                q.contiguous(), cache.k[i], cache.v[i], tables[kind], step.seq_lens, step.query_start_loc,
+                hd**-0.5, self.window_left[i], max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
+            )  # fmt: skip
+
+        return attend
 
     @torch.inference_mode()
     def forward(self, step: Step, cache: PagedKVCache) -> torch.Tensor:
         """fp32 soft-capped logits [T, vocab_size]."""
         cfg, ref = self.cfg, self.ref
-        nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        dtype = ref.dtype
-        T = step.ids.shape[0]
-        slots = {kind: cache.slots(kind, step) for kind in set(cache.kinds)}
-        tables = {kind: table.index_select(0, step.seq_idx) for kind, table in cache.tables.items()}
-        cos, sin = layers.rotary_cos_sin(step.positions, hd, dtype)
+        cos, sin = layers.rotary_cos_sin(step.positions, cfg.head_dim, ref.dtype)
         cos, sin = cos[:, None, :], sin[:, None, :]
-
         wte = ref.transformer.wte
         x = layers.norm(wte(step.ids))
         x_prev = layers.norm(wte(step.prev_ids.clamp(min=0)))
         x = layers.smear(x, x_prev, ref.smear_gate.weight, ref.smear_lambda, (step.positions > 0)[:, None])
-        x0, x_backout = x, None
-        for i, block in enumerate(ref.transformer.h):
-            x = layers.mix_residual(x, x0, ref.resid_lambdas[i], ref.x0_lambdas[i])
-            h = layers.norm(x)
-            q, k, v = F.linear(h, self.qkv[i]).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            if block.attn.ve_gate is not None:
-                v = layers.add_value_embedding(v, h, ref.value_embeds[str(i)](step.ids), block.attn.ve_gate.weight, nkv)
-            q = layers.apply_rotary(q.view(T, nh, hd), cos, sin)
-            k = layers.apply_rotary(k.view(T, nkv, hd), cos, sin)
-            q, k = layers.qk_norm(q, k)
-            kind = cache.kinds[i]
-            cache.k[i].view(-1, nkv, hd)[slots[kind]] = k
-            cache.v[i].view(-1, nkv, hd)[slots[kind]] = v.view(T, nkv, hd)
-            if self.ops == "default" and step.max_query_len == 1:
-                y = sdpa_paged_decode(q, cache.k[i], cache.v[i], tables[kind], step.seq_lens, hd**-0.5,
-                                      self.window_left[i])  # fmt: skip
-            else:
-                y = paged_attention_triton(
-                    q.contiguous(), cache.k[i], cache.v[i], tables[kind], step.seq_lens, step.query_start_loc,
-                    hd**-0.5, self.window_left[i], max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
-                )  # fmt: skip
-            x = x + block.attn.c_proj(y.reshape(T, nh * hd))
-            h = block.mlp.c_fc(layers.norm(x))
-            x = x + block.mlp.c_proj(torch.relu(h).square() if self.ops == "default" else relu2_triton(h))
-            if i == cfg.backout_layer:
-                x_backout = x
-        # the reference's single-exit head (not the PoE Log-OP one): backout, final norm, lm_head, soft-cap
-        tail = layers.exit_tail(x, x_backout, ref.backout_lambda, cfg.exit_backout(cfg.n_layer - 1))
-        return layers.softcap(ref.lm_head(layers.readout([tail]))[..., :cfg.vocab_size])
+        attend = self.paged_attend(step, cache)
+
+        def run_block(i: int, x: torch.Tensor) -> torch.Tensor:
+            ve = ref.value_embeds[str(i)](step.ids) if str(i) in ref.value_embeds else None
+            return ref.transformer.h[i](x, ve, cos, sin, attend, self.act)
+
+        hidden = layers.run_layers(cfg, ref, range(cfg.n_layer), run_block, x, x0=x, x_backout=None).hidden
+        # the reference's single-exit head (not the PoE Log-OP one): final norm (in `readout`), lm_head, soft-cap
+        return layers.softcap(ref.lm_head(hidden)[..., :cfg.vocab_size])
 
 
 def _step(seq_idx: list[int], ids: list[list[int]], starts: list[int], prevs: list[int], device: torch.device) -> Step:

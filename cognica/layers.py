@@ -6,7 +6,8 @@ Shapes: `x` is [..., n_embd]; heads are [..., n_heads, head_dim].
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from cognica.config import (
     SMEAR_CHANNELS,
     VE_GATE_CHANNELS,
     VE_GATE_SCALE,
+    CognicaConfig,
 )
 
 FP32_EPS = torch.finfo(torch.float32).eps  # nanochat's F.rms_norm default: opmath (fp32) epsilon, any dtype
@@ -132,6 +134,54 @@ def readout(tails: Sequence[torch.Tensor]) -> torch.Tensor:
     """The head's input: the normed tails of `config.readout_layers`, side by side ([..., n * n_embd]; one tail for
     the final head). Every engine's model returns this; `head_logits` reads it."""
     return norm(tails[0]) if len(tails) == 1 else torch.cat([norm(t) for t in tails], dim=-1)
+
+
+# ---- the per-layer loop: residual mixing, backout capture, stage exits ----------------------------------------
+
+
+class LoopWeights(Protocol):
+    """The scalars the per-layer loop reads, under their nanochat names: every engine's model holds them."""
+
+    resid_lambdas: torch.Tensor  # [n_layer]
+    x0_lambdas: torch.Tensor  # [n_layer]
+    backout_lambda: torch.Tensor  # [1]
+
+
+class Streams(NamedTuple):
+    """What `run_layers` hands on: the residual stream `x`, `x0` (the smeared embedding every block mixes back in),
+    `x_backout` (the residual after block `backout_layer`, or what entered the run until then), and `hidden`,
+    `readout` of the stage exits the run passed: None where it passed none (a pipeline stage before the last)."""
+
+    x: torch.Tensor
+    x0: torch.Tensor
+    x_backout: torch.Tensor | None
+    hidden: torch.Tensor | None
+
+
+def run_layers(cfg: CognicaConfig, weights: LoopWeights, layer_ids: Iterable[int],
+               run_block: Callable[[int, torch.Tensor], torch.Tensor], x: torch.Tensor, x0: torch.Tensor,
+               x_backout: torch.Tensor | None) -> Streams:
+    """The per-layer bookkeeping around `run_block(i, x) -> x` (block i, attention and MLP with their residuals):
+    before block i, `mix_residual`; after it, the backout stream is kept at `cfg.backout_layer` and the stage exit
+    (`exit_tail`) collected at each of `cfg.readout_layers`; at the end `readout` of those exits.
+
+    `layer_ids` are the blocks this call runs, in order (all built layers, or one pipeline stage's start..end);
+    `x`, `x0`, `x_backout` enter from the embedding (`x0` is `x`; `x_backout` None, or zeros where the streams
+    must be tensors) or from the previous pipeline stage. A run must pass all of `cfg.readout_layers` or none
+    (a Log-OP head split over pipeline stages would lose exits; the engines refuse it). Only Python ints steer
+    the loop, so torch.compile (vLLM's `@support_torch_compile`) traces it without a graph break."""
+    tails = []
+    for i in layer_ids:
+        x = mix_residual(x, x0, weights.resid_lambdas[i], weights.x0_lambdas[i])
+        x = run_block(i, x)
+        if i == cfg.backout_layer:
+            x_backout = x
+        if i in cfg.readout_layers:
+            tails.append(exit_tail(x, x_backout, weights.backout_lambda, cfg.exit_backout(i)))
+    if tails and len(tails) != len(cfg.readout_layers):
+        raise ValueError(f"the layers run read out {len(tails)} of the head's {len(cfg.readout_layers)} stage exits "
+                         f"{cfg.readout_layers}: a run must hold all of them or none")
+    return Streams(x, x0, x_backout, readout(tails) if tails else None)
 
 
 def head_logits(hidden: torch.Tensor, n_embd: int,

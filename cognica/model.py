@@ -21,6 +21,7 @@ The module tree and forward live in `CognicaLayout`, which the transformers clas
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -73,36 +74,54 @@ def token_span(idx: torch.Tensor, start: int, attention_mask: torch.Tensor | Non
     return Span(q_index, k_index, pos[:, -T:], pos, valid)
 
 
-class CognicaAttention(nn.Module):
-    def __init__(self, cfg: CognicaConfig, layer_idx: int):
-        super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.window_left = cfg.window_left[layer_idx]
-        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
-        self.c_k = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=False)
-        self.c_v = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=False)
-        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.ve_gate = Gate(VE_GATE_CHANNELS, cfg.n_kv_head) if layer_idx in cfg.ve_layers else None
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+"""`attend(q, k, v, layer_idx, window_left) -> y`: the attention of one block, replaceable as nanochat's
+`flash_attention.py` swaps its implementation (the reference's `sdpa_attend`; benchmarks/paged_decode.py's paged
+Triton kernel). q [..., T, n_head, head_dim], k and v [..., T, n_kv_head, head_dim] are this call's tokens, rotary
+and QK norm applied; y is [..., T, n_head, head_dim]. It owns the KV cache: it stores k/v and attends over the
+cached keys and these, causally within `window_left` keys before each query, with scale head_dim^-0.5."""
 
-    def forward(self, h, ve, cos, sin, cache: KVCache | None, layer_idx: int, span: Span):
-        B, T, _ = h.shape
-        q = self.c_q(h).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(h).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(h)
-        if ve is not None:
-            v = layers.add_value_embedding(v, h, ve, self.ve_gate.weight, self.n_kv_head)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-        q, k = layers.qk_norm(q, k)
+
+def sdpa_attend(cache: KVCache | None, span: Span) -> Attend:
+    """The reference's attention over [B, T, ...] tokens: torch SDPA with `span`'s mask, the keys and values
+    appended to `cache` (`KVCache`: [B, H, S, D] per layer) when there is one."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, window_left: int) -> torch.Tensor:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if cache is not None:
             if cache.k[layer_idx] is not None:
                 k = torch.cat([cache.k[layer_idx], k], dim=2)
                 v = torch.cat([cache.v[layer_idx], v], dim=2)
             cache.k[layer_idx], cache.v[layer_idx] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=span.attention_mask(self.window_left),
-                                           scale=self.head_dim**-0.5, enable_gqa=self.n_head != self.n_kv_head)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=span.attention_mask(window_left),
+                                           scale=q.shape[-1]**-0.5, enable_gqa=q.shape[1] != k.shape[1])
+        return y.transpose(1, 2)
+
+    return attend
+
+
+class CognicaAttention(nn.Module):
+    def __init__(self, cfg: CognicaConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.layer_idx, self.window_left = layer_idx, cfg.window_left[layer_idx]
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.c_k = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.ve_gate = Gate(VE_GATE_CHANNELS, cfg.n_kv_head) if layer_idx in cfg.ve_layers else None
+
+    def forward(self, h, ve, cos, sin, attend: Attend):
+        """h [..., T, n_embd] (the block's normed input); cos/sin broadcast over the heads ([..., T, 1, head_dim/2])."""
+        q = self.c_q(h).unflatten(-1, (self.n_head, self.head_dim))
+        k = self.c_k(h).unflatten(-1, (self.n_kv_head, self.head_dim))
+        v = self.c_v(h)
+        if ve is not None:
+            v = layers.add_value_embedding(v, h, ve, self.ve_gate.weight, self.n_kv_head)
+        v = v.unflatten(-1, (self.n_kv_head, self.head_dim))
+        q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+        q, k = layers.qk_norm(q, k)
+        return self.c_proj(attend(q, k, v, self.layer_idx, self.window_left).flatten(-2))
 
 
 class CognicaMLP(nn.Module):
@@ -111,8 +130,9 @@ class CognicaMLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
         self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
 
-    def forward(self, x):
-        return self.c_proj(layers.relu2(self.c_fc(x)))
+    def forward(self, x, act: Callable[[torch.Tensor], torch.Tensor] = layers.relu2):
+        """`act` is relu^2 (`layers.relu2`), replaceable by a kernel of the same formula."""
+        return self.c_proj(act(self.c_fc(x)))
 
 
 class CognicaBlock(nn.Module):
@@ -122,9 +142,9 @@ class CognicaBlock(nn.Module):
         self.attn = CognicaAttention(cfg, layer_idx)
         self.mlp = CognicaMLP(cfg)
 
-    def forward(self, x, ve, cos, sin, cache, span):
-        x = x + self.attn(layers.norm(x), ve, cos, sin, cache, self.layer_idx, span)
-        return x + self.mlp(layers.norm(x))
+    def forward(self, x, ve, cos, sin, attend: Attend, act: Callable[[torch.Tensor], torch.Tensor] = layers.relu2):
+        x = x + self.attn(layers.norm(x), ve, cos, sin, attend)
+        return x + self.mlp(layers.norm(x), act)
 
 
 class Gate(nn.Module):
@@ -184,22 +204,19 @@ class CognicaLayout:
         x = layers.smear(x, x_prev, self.smear_gate.weight, self.smear_lambda, has_prev[..., None])
 
         checkpointing = self.training and getattr(self, "gradient_checkpointing", False)
-        x0, x_backout, tails, readout = x, None, [], cfg.readout_layers
-        for i, block in enumerate(self.transformer.h):
-            x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
+        attend = sdpa_attend(cache, span)
+
+        def run_block(i: int, x: torch.Tensor) -> torch.Tensor:
+            block = self.transformer.h[i]
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             if checkpointing:  # set by transformers' gradient_checkpointing_enable (the transformers class only)
-                x = self._gradient_checkpointing_func(block.__call__, x, ve, cos, sin, cache, span)
-            else:
-                x = block(x, ve, cos, sin, cache, span)
-            if i == cfg.backout_layer:
-                x_backout = x
-            if i in readout:
-                tails.append(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i)))
+                return self._gradient_checkpointing_func(block.__call__, x, ve, cos, sin, attend)
+            return block(x, ve, cos, sin, attend)
+
+        hidden = layers.run_layers(cfg, self, range(len(self.transformer.h)), run_block, x, x0=x, x_backout=None).hidden
         if cache is not None:
             cache.pos += idx.shape[1]
-        return layers.head_logits(layers.readout(tails), cfg.n_embd,
-                                  lambda h: layers.softcap(self.lm_head(h)[..., :cfg.vocab_size]))
+        return layers.head_logits(hidden, cfg.n_embd, lambda h: layers.softcap(self.lm_head(h)[..., :cfg.vocab_size]))
 
 
 class CognicaGPT(CognicaLayout, nn.Module):

@@ -198,16 +198,13 @@ class CognicaModel(nn.Module):
         prev_ids, has_prev = self.smear_tokens.previous(input_ids, positions, forward_batch)
         x = layers.smear(x, self.embed_input_ids(prev_ids), self.smear_gate, self.smear_lambda, has_prev)
         x0, x_backout = x, torch.zeros_like(x)
-        tails, readout = [], cfg.readout_layers
-        for i, layer in enumerate(self.eager_prefill_layers):
-            x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
+
+        def run_block(i: int, x: torch.Tensor) -> torch.Tensor:  # layer i (`make_layers` with no pp_rank builds all)
             ve = self.value_embeds[str(i)](input_ids)[..., self.kv_slice] if str(i) in self.value_embeds else None
-            x = layer(positions, x, ve, forward_batch)
-            if i == cfg.backout_layer:
-                x_backout = x
-            if i in readout:
-                tails.append(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i)))
-        return layers.readout(tails)
+            return self.eager_prefill_layers[i](positions, x, ve, forward_batch)
+
+        streams = layers.run_layers(cfg, self, range(len(self.eager_prefill_layers)), run_block, x, x0, x_backout)
+        return streams.hidden
 
 
 class CognicaPoEForCausalLM(CognicaLoRAMixin, nn.Module):

@@ -20,7 +20,6 @@ What differs from a Llama, and where it is handled (the math itself is in `cogni
 # no `from __future__ import annotations`: @support_torch_compile reads forward's annotations as types
 import os
 from collections.abc import Callable, Iterable
-from itertools import islice
 
 import torch
 from torch import nn
@@ -224,20 +223,18 @@ class CognicaModel(nn.Module):
             assert intermediate_tensors is not None
             x, x0 = intermediate_tensors["hidden_states"], intermediate_tensors["x0"]
             x_backout = intermediate_tensors["x_backout"]
-        tails, readout = [], cfg.readout_layers
-        for i, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer):
-            x = layers.mix_residual(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
+
+        def run_block(i: int, x: torch.Tensor) -> torch.Tensor:  # this stage's layer i (`make_layers` puts
+            # PPMissingLayer outside start_layer..end_layer); a Python-int index, traced by @support_torch_compile
             ve = self.value_embeds[str(i)](input_ids)[..., self.kv_slice] if str(i) in self.value_embeds else None
-            x = layer(positions, x, ve)
-            if i == cfg.backout_layer:
-                x_backout = x
-            if i in readout:
-                tails.append(layers.exit_tail(x, x_backout, self.backout_lambda, cfg.exit_backout(i)))
+            return self.layers[i](positions, x, ve)
+
+        streams = layers.run_layers(cfg, self, range(self.start_layer, self.end_layer), run_block, x, x0, x_backout)
         if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": x, "x0": x0, "x_backout": x_backout})
+            return IntermediateTensors({"hidden_states": streams.x, "x0": x0, "x_backout": streams.x_backout})
         # Log-OP reads several stage ends side by side, [T, n * n_embd]; vLLM only indexes the rows
         # (`GPUModelRunner`: hidden_states[logits_indices]) before compute_logits splits them again
-        return layers.readout(tails)
+        return streams.hidden
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """`cognica.weights` names under this module; layers and value-embedding tables another pipeline stage
