@@ -9,8 +9,8 @@ into the reference `cognica.model.CognicaGPT`, whose blocks the harness runs as 
 (residual mixing, backout, the final exit) over the reference blocks (norm, the c_q / c_k / c_v projections, value
 embeddings, rotary, QK norm), whose attention is a K/V write through a slot mapping and
 `cognica_kernels.attention.paged_attention_triton` over block tables, and whose MLP is as the plugins run it with
-`COGNICA_KERNELS=triton`: c_fc, the Triton `cognica_kernels.relu2.relu2_triton`, c_proj (benchmarks/relu2_linear.py's
-fused GEMM, which no plugin runs, is not used); then lm_head and the soft-cap.
+`COGNICA_KERNELS=triton`: c_fc, the Triton `cognica_kernels.relu2.relu2_triton`, c_proj; then lm_head and the
+soft-cap.
 The launchers are called directly (not the dispatchers), so the dry run on CPU runs the same kernels in Triton's
 interpreter.
 
