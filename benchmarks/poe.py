@@ -92,8 +92,8 @@ def write_shallow(src: Path, dst: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from cognica.checkpoint import canonical_name
     from cognica.config import CognicaConfig, tensor_layer
+    from cognica.names import canonical_name
 
     cfg = CognicaConfig.from_file(src / "config.json")
     dst.mkdir(parents=True, exist_ok=True)

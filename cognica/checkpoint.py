@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from cognica.config import CognicaConfig, ConfigError
-from cognica.names import IGNORABLE as IGNORABLE  # re-exported: the name table's home is cognica.names
-from cognica.names import SCALAR_NAMES as SCALAR_NAMES
-from cognica.names import WRAPPER_PREFIXES as WRAPPER_PREFIXES
-from cognica.names import CheckpointError as CheckpointError
-from cognica.names import canonical_name as canonical_name
-from cognica.names import expected_tensors as expected_tensors
-from cognica.names import mismatch_problems
-from cognica.names import padded_vocab as padded_vocab
+from cognica.config import CognicaConfig
+from cognica.names import (
+    IGNORABLE,
+    SCALAR_NAMES,
+    CheckpointError,
+    canonical_name,
+    expected_tensors,
+    mismatch_problems,
+)
 from cognica.quantization import quantization_layout
 
 logger = logging.getLogger(__name__)
@@ -297,7 +297,5 @@ def open_checkpoint(model_dir: str | os.PathLike[str], check_scalars: bool = Tru
     return ckpt
 
 
-__all__ = [
-    "Checkpoint", "CheckpointError", "ConfigError", "canonical_name", "expected_tensors", "open_checkpoint",
-    "read_entries", "read_safetensors_header", "validate_entries", "weight_files", "padded_vocab", "SCALAR_NAMES",
-]
+__all__ = ["Checkpoint", "open_checkpoint", "read_entries", "read_safetensors_header", "validate_entries",
+           "weight_files"]

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cognica.checkpoint import expected_tensors
 from cognica.config import CognicaConfig
+from cognica.names import expected_tensors
 
 PRESETS: dict[str, CognicaConfig] = {
     # 4 layers (S S S L), head_dim 64, context 1024 -> S window 256: long prompts cross it several times

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from cognica.checkpoint import CheckpointError
+from cognica.names import CheckpointError
 
 # owner/name as the Hub spells them (huggingface_hub's validate_repo_id, minus the length limit)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

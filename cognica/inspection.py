@@ -84,15 +84,8 @@ def _read_config(root: Path, report: InspectReport) -> CognicaConfig | None:
 
 
 def _check_weights(root: Path, cfg: CognicaConfig | None, report: InspectReport) -> None:
-    from cognica.checkpoint import (
-        SCALAR_NAMES,
-        Checkpoint,
-        CheckpointError,
-        check_finite,
-        read_entries,
-        validate_entries,
-        weight_files,
-    )
+    from cognica.checkpoint import Checkpoint, check_finite, read_entries, validate_entries, weight_files
+    from cognica.names import SCALAR_NAMES, CheckpointError
 
     try:
         files = weight_files(root)
@@ -180,7 +173,8 @@ def _check_token_bytes(path: Path, vocab: int | None, report: InspectReport) -> 
 
 def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> InspectReport:
     """Validate a checkpoint directory without writing anything; every problem becomes one line."""
-    from cognica.checkpoint import CheckpointError, check_directory
+    from cognica.checkpoint import check_directory
+    from cognica.names import CheckpointError
 
     report = InspectReport(str(model_dir))
     try:

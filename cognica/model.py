@@ -29,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cognica import layers
-from cognica.checkpoint import open_checkpoint, padded_vocab
+from cognica.checkpoint import open_checkpoint
 from cognica.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica.generation import KVCache, decode, sample
+from cognica.names import padded_vocab
 
 
 @dataclass(frozen=True)

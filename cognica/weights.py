@@ -32,12 +32,33 @@ from cognica.quantization import quantization_layout
 # (fused parameter, nanochat projection, shard id): the QKV fusion both engines do (QKVParallelLinear)
 STACKED_PARAMS = ((".qkv_proj.", ".c_q.", "q"), (".qkv_proj.", ".c_k.", "k"), (".qkv_proj.", ".c_v.", "v"))
 PLAIN_PARAMETERS = ("ve_gate.weight", "smear_gate.weight")  # nn.Linear in nanochat, plain parameters here
-_LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
 
 WeightLoader = Callable[..., None]
-# what a LoRA adapter may reach on both engines (cognica_vllm.lora, cognica_sglang.lora)
-LORA_REACH = ("LoRA reaches attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj, transformer.wte and lm_head (value embeddings, "
-              "ve_gate, smear_gate and the scalars are not adaptable)")
+# published prefix -> the plugins' prefix: both build nanochat's tree under `model` (`layers` for `transformer.h`,
+# `wte` for `transformer.wte`) with lm_head beside it; any other name (the scalars) goes under `model.` as it is
+ENGINE_PREFIXES = {"transformer.h.": "model.layers.", "transformer.wte.": "model.wte.",
+                   "value_embeds.": "model.value_embeds.", "lm_head.": "lm_head."}
+# The one table of what a LoRA adapter may reach on both engines (cognica_vllm.lora, cognica_sglang.lora derive their
+# names from it): published module paths, `{i}` a layer. The engines wrap linear layers and the two vocab tables;
+# value embeddings, ve_gate, smear_gate and the scalars are plain tables or parameters they never wrap.
+LORA_LAYER_MODULES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LORA_MODULES = (*(f"transformer.h.{{i}}.{m}" for m in LORA_LAYER_MODULES), "transformer.wte", "lm_head")
+LORA_NOT_ADAPTABLE = ("value embeddings", "ve_gate", "smear_gate", "the scalars")
+
+
+def _reach_prose() -> str:
+    """`LORA_REACH`: the table in one line, per-layer modules grouped by parent (`attn.c_q/c_k`)."""
+    parents: dict[str, list[str]] = {}
+    for m in LORA_LAYER_MODULES:
+        parent, leaf = m.split(".")
+        parents.setdefault(parent, []).append(leaf)
+    grouped = [f"{parent}.{'/'.join(leaves)}" for parent, leaves in parents.items()]
+    others = [m for m in LORA_MODULES if "{i}" not in m]
+    return (f"LoRA reaches {', '.join(grouped + others[:-1])} and {others[-1]} "
+            f"({', '.join(LORA_NOT_ADAPTABLE[:-1])} and {LORA_NOT_ADAPTABLE[-1]} are not adaptable)")
+
+
+LORA_REACH = _reach_prose()
 
 
 def unadaptable(module: str) -> ValueError:
@@ -47,13 +68,27 @@ def unadaptable(module: str) -> ValueError:
 
 def engine_name(canonical: str) -> str:
     """nanochat canonical name -> the plugins' parameter name before the QKV fusion (see the module docstring)."""
-    if canonical.startswith("lm_head."):
-        return canonical
-    name = _LAYER.sub(r"layers.\1.", canonical).replace("transformer.wte.", "wte.", 1)
+    prefix = next((p for p in ENGINE_PREFIXES if canonical.startswith(p)), None)
+    if prefix is None:
+        name = f"model.{canonical}"
+    else:
+        name = ENGINE_PREFIXES[prefix] + canonical[len(prefix):]
     for plain in PLAIN_PARAMETERS:
         if name.endswith(plain):
             name = name.removesuffix(".weight")
-    return f"model.{name}"
+    return name
+
+
+def lora_module_pattern(rename: Callable[[str], str | None]) -> str:
+    """A regex (no anchors) matching every adaptable module of `LORA_MODULES` under an engine's names: `rename` maps
+    a published module path (layer 0) to the engine's (None: the engine has no such module), `\\d+` for the layer."""
+    names = {rename(m.format(i=0)) for m in LORA_MODULES}
+    return "|".join(sorted(re.escape(n).replace(r"\.0\.", r"\.\d+\.", 1) for n in names if n is not None))
+
+
+def engine_module(module: str) -> str:
+    """A published module path -> the plugins' module path (`engine_name` of its weight, less `.weight`)."""
+    return engine_name(f"{module}.weight").removesuffix(".weight")
 
 
 def stacked_shard(name: str) -> tuple[str, str | None]:

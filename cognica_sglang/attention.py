@@ -35,6 +35,8 @@ from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get
 from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import is_in_breakable_cuda_graph
 from sglang.srt.model_executor.runner_utils.prefill_graph import is_in_prefill_graph_scope
 
+from cognica.config import CognicaConfig
+from cognica.serving import served_window_left
 from cognica_kernels import kernel_setting, use_triton
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,18 @@ def check_attention_backends(backends: tuple) -> None:
         raise ValueError(f"cognica: SGLang's {backend!r} attention backend would give wrong tokens on this model's "
                          f"sliding-window layers: {WRONG_WINDOW_BACKENDS[backend]}; use --attention-backend triton "
                          "(NVIDIA and AMD; exact, tested), fa3 or flashinfer (NVIDIA)")
+
+
+def sliding_window_size(cfg: CognicaConfig, layer: int, context_len: int) -> int:
+    """`RadixAttention.sliding_window_size` of `layer`: `cognica.serving.served_window_left` (keys before the query),
+    -1 = full. A layer the hybrid SWA pool holds as sliding (`cognica.hf` sets `hybrid_layer_pattern` from
+    `cfg.is_sliding`, before the served context is known) keeps its window even where it covers the whole context,
+    which attends to the same keys: SGLang's backends read a layer through the SWA sub-pool's slots when its
+    `sliding_window_size > -1` (the window rail of `TritonAttnBackend.forward_decode`), so the two must agree."""
+    served = served_window_left(cfg, layer, context_len)
+    if served is None:
+        return cfg.window_left[layer] if cfg.is_sliding[layer] else -1
+    return served
 
 
 def engine_window_size(keys_before_query: int, decode_backend: str | None = None) -> int:

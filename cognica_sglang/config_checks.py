@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cognica.serving import ServingSettings, refuse
+
 
 def serves_on_cpu(device: str | None) -> bool:
     """Whether SGLang's `--device` (None: chosen by SGLang, a CPU when there is no CUDA) is a CPU."""
@@ -58,35 +60,43 @@ def attention_overrides(server_args: Any, hf_config: Any) -> dict:
     return out
 
 
+def serving_settings(view: Any) -> ServingSettings:
+    """SGLang's server arguments (as resolved: `resolving_view`) in the terms of `cognica.serving.refusals`.
+    `--is-embedding` pools the final hidden state (the model's `Pooler`). With tp > 1 SGLang's LogitsProcessor applies
+    the head to each rank's vocabulary shard before gathering (`LogitsProcessor._compute_lm_head`), where the
+    Log-OP head's per-stage log_softmax would run. The served context is left to the model (`check_before_build`),
+    which SGLang builds after its own context check."""
+    from cognica_sglang.smear import unsupported_modes
+
+    tp = getattr(view, "tp_size", 1) or 1
+    return ServingSettings(foreign_kv=tuple(unsupported_modes(view)),
+                           pooling="--is-embedding" if getattr(view, "is_embedding", False) else None,
+                           tensor_parallel=tp, pipeline_parallel=getattr(view, "pp_size", 1) or 1,
+                           head_on_vocab_shard=tp > 1)
+
+
 def check_server_args(server_args: Any, hf_config: Any) -> dict:
-    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`), and refuse the modes that
-    fill KV slots without our forward (`cognica_sglang.smear.unsupported_modes`), an attention
+    """Validate the PoE stage options (`--json-model-override-args '{"poe_exit_stage": 1}'`), and refuse what
+    `cognica.serving.refusals` refuses (the modes that fill KV slots without our forward, the Log-OP head in
+    embedding mode or with tensor parallelism, a tensor-parallel size that cannot shard the heads), an attention
     backend that gets the sliding windows wrong (`cognica_sglang.attention.check_attention_backends`), a quantized
-    checkpoint on a CPU (`cognica_sglang.quant.check_quantization`), LoRA where SGLang cannot run it
-    (`cognica_sglang.lora.check_lora_server_args`) and the Log-OP head in embedding mode, in the first process:
-    SGLang calls model overrides on the config with those args applied (`handle_model_specific_adjustments` in
-    sglang/srt/arg_groups/model_hook.py), before any scheduler starts; a refusal raised later, in the scheduler, only
-    kills the engine (SIGQUIT)."""
+    checkpoint on a CPU (`cognica_sglang.quant.check_quantization`) and LoRA where SGLang cannot run it
+    (`cognica_sglang.lora.check_lora_server_args`), in the first process: SGLang calls model overrides on the config
+    with those args applied (`handle_model_specific_adjustments` in sglang/srt/arg_groups/model_hook.py), before any
+    scheduler starts; a refusal raised later, in the scheduler, only kills the engine (SIGQUIT)."""
     from sglang.srt.arg_groups.model_override_base import attention_backends_of, resolving_view
 
     from cognica.hf import cognica_config
     from cognica_sglang.attention import check_attention_backends
     from cognica_sglang.quant import check_quantization
-    from cognica_sglang.smear import SMEAR_WHY, unsupported_modes
 
     cfg = cognica_config(hf_config)  # ConfigError, e.g. a stage exit on a poe_mode="none" (BP) checkpoint without force
     view = resolving_view(server_args)
-    refused = unsupported_modes(view)
-    if refused:
-        raise ValueError(f"cognica: {SMEAR_WHY}: {'; '.join(refused)}")
+    refuse(cfg, serving_settings(view))
     check_attention_backends(attention_backends_of(view))  # a backend that gets the sliding windows wrong
     check_quantization(None, hf_config, view.device)  # SGLang's quantized layers are CUDA-only
     if getattr(view, "enable_lora", False) or getattr(view, "lora_paths", None):
         from cognica_sglang.lora import check_lora_server_args
 
         check_lora_server_args(view)  # no CUDA driver: SGLang's LoRA layers cannot pin host memory
-    if cfg.poe_head == "logop" and getattr(view, "is_embedding", False):
-        raise ValueError("cognica: --is-embedding pools the final hidden state, which the Log-OP head "
-                         "(poe_head='logop') does not have (it combines several stage ends); serve it without "
-                         "poe_head='logop'")
     return {}

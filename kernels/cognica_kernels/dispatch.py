@@ -31,9 +31,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .utils import HAS_TRITON
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -126,3 +131,11 @@ def use_triton(op: str, is_cuda: bool, log: logging.Logger | None = None, phase:
     choice = choose_kernel(op, device_name, phase)
     _log_once(choice, device_name, log or logger)
     return choice.triton
+
+
+def relu2_activation(is_cuda: bool, log: logging.Logger | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """relu^2 for both plugins' MLP: the Triton op (`relu2.relu2`) on CUDA where `use_triton` chooses it, else the
+    torch formula (`relu2.relu2_reference`, bit for bit `cognica.layers.relu2`), which the engine's compile fuses."""
+    from .relu2 import relu2, relu2_reference
+
+    return relu2 if use_triton("relu2", is_cuda, log) else relu2_reference

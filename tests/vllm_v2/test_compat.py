@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import vllm
 
-from cognica_vllm import register, untested_vllm
-from cognica_vllm.config_checks import uses_v1_model_runner
+from cognica_vllm import register
+from cognica_vllm.config_checks import untested_vllm, uses_v1_model_runner
 from tests.vllm_utils import engine_config, make_poe_checkpoint
 
 SPEC = {"method": "draft_model", "num_speculative_tokens": 2}
