@@ -118,7 +118,7 @@ step kernel-tests "${LIMITS[1]}" "$PY" -m pytest -q -p no:cacheprovider tests/ke
 step warm "${LIMITS[5]}" "$PY" "$KIT/gpu_check.py" warm --out "$OUTDIR/warm.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 step kernels "${LIMITS[2]}" "$PY" "$KIT/gpu_check.py" kernels --out "$OUTDIR/kernels.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 step compare "${LIMITS[4]}" "$PY" "$KIT/gpu_check.py" compare --out "$OUTDIR/compare.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
-step decode "${LIMITS[3]}" "$PY" benchmarks/paged_decode.py --out "$OUTDIR/decode.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
+step decode "${LIMITS[3]}" "$PY" "$KIT/paged_decode.py" --out "$OUTDIR/decode.json" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 echo "=== [$((SECONDS - T0)) s] report"
 "$PY" "$KIT/gpu_check.py" report "$OUTDIR" || status=1
 echo "=== gpu_check.sh: $((SECONDS - T0)) s, exit $status"

@@ -1,6 +1,6 @@
 """A whole-model decode step on a paged KV cache, built from our kernels: a measuring harness, not an engine.
 
-    python benchmarks/paged_decode.py --out OUT/decode.json [--dry-run]
+    python benchmarks/gpu/paged_decode.py --out OUT/decode.json [--dry-run]
 
 The model is the factory's random-weight checkpoint (`cognica.factory.make_weights`, the same tensors
 `cognica make-checkpoint --preset full --seed 0` writes; generated in memory, no tokenizer, nothing on disk) loaded
@@ -26,7 +26,7 @@ What it does:
    (`cognica.parity.bf16_tolerance`, `assert_bf16_close`).
 2. Timing: one decode step at context 2048 (the cache filled with random K/V), batch 1/32/256, SSSL and all-full,
    eager and captured in a CUDA graph (median of graph replays, CUDA events): tokens/s and % of the HBM roofline
-   of docs/performance.md (bytes of `benchmarks/kernels.py`'s model / the card's data-sheet bandwidth) and of the
+   of docs/performance.md (bytes of `roofline.py`'s model / the card's data-sheet bandwidth) and of the
    same bytes at the measured copy rate. A row whose KV cache does not fit in free memory is reported, not run.
    The SSSL rows run twice (`ops`): "opt-in" as above (`COGNICA_KERNELS=triton`), and "default", the ops the
    plugins run by default as far as this machine has them: relu^2 as torch's `relu(x).square()` and attention as
@@ -278,7 +278,7 @@ def parity(model: PagedCognica, ref32: CognicaGPT, ref16: CognicaGPT | None, pro
 
 
 def _datasheet(device: torch.device) -> tuple[str | None, float | None]:
-    """(GPUS key, peak HBM bytes/s) of benchmarks/kernels.py for this card; H200 from its data sheet."""
+    """(GPUS key, peak HBM bytes/s) of roofline.py for this card; H200 from its data sheet."""
     if device.type != "cuda":
         return None, None
     name = torch.cuda.get_device_name(device)
