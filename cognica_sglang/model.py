@@ -38,7 +38,7 @@ from torch import nn
 from cognica import hf, layers
 from cognica.config import ARCHITECTURE_ALIASES, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica.names import padded_vocab
-from cognica.serving import ServingSettings, check_before_build
+from cognica.serving import ServingSettings, check_before_build, refuse
 from cognica.weights import engine_weights, load_parameters
 from cognica_kernels.dispatch import relu2_activation
 from cognica_sglang.attention import (
@@ -203,13 +203,15 @@ class CognicaPoEForCausalLM(CognicaLoRAMixin, nn.Module):
         self.config = config
         self.cfg = cfg = hf.cognica_config(config)
         args = get_server_args()
-        check_attention_backends(attention_backends())  # as resolved (the first process checked what the user named)
         context_len = getattr(args, "context_length", None) or cfg.sequence_len
         model_path = getattr(args, "model_path", None) or getattr(config, "_name_or_path", "")
-        # the first process refused the same rules but the served context (`cognica_sglang.config_checks`)
+        # the checkpoint and the served context before anything reads SGLang's runtime context (backends, parallel
+        # state); the parallel rules again (the first process refused the same, `cognica_sglang.config_checks`), as
+        # this process's context has them
+        check_before_build(cfg, model_path, ServingSettings(context_len=context_len, context_flag="--context-length"))
+        check_attention_backends(attention_backends())  # as resolved (the first process checked what the user named)
         tp_size = tp_rank_and_size()[1]
-        check_before_build(cfg, model_path, ServingSettings(tensor_parallel=tp_size, head_on_vocab_shard=tp_size > 1,
-                                                            context_len=context_len, context_flag="--context-length"))
+        refuse(cfg, ServingSettings(tensor_parallel=tp_size, head_on_vocab_shard=tp_size > 1))
         # config.json's (the HF config keeps it); SGLang built quant_config from it, which every linear layer receives
         self.quantization_config = getattr(config, "quantization_config", None)
         self.model = CognicaModel(cfg, context_len, quant_config, prefix=add_prefix("model", prefix))

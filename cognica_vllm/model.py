@@ -49,7 +49,7 @@ from vllm.sequence import IntermediateTensors
 from cognica import layers
 from cognica.config import LOGIT_SOFTCAP, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, CognicaConfig
 from cognica.names import padded_vocab
-from cognica.serving import ServingSettings, check_before_build, served_window_left
+from cognica.serving import ServingSettings, check_before_build, refuse, served_window_left
 from cognica.weights import engine_weights, load_parameters
 from cognica_kernels.dispatch import relu2_activation
 from cognica_vllm.attention import cognica_paged_attention, register_splitting, use_cognica_attention
@@ -244,10 +244,11 @@ class CognicaPoEForCausalLM(nn.Module, CognicaLoRA, SupportsLoRA, SupportsPP):
         # there (`LoRAMemoryPool._get_num_experts`, `init_buffers` in sglang/srt/lora/mem_pool.py)
         self.config = cfg = model_config(vllm_config)
         model_path, context_len = vllm_config.model_config.model, vllm_config.model_config.max_model_len
-        # the first process refused the same rules but the served context (`cognica_vllm.config_checks`)
-        check_before_build(cfg, model_path if os.path.isdir(model_path) else None, ServingSettings(
-            tensor_parallel=tp_rank_and_size()[1], pipeline_parallel=get_pp_group().world_size,
-            context_len=context_len, context_flag="--max-model-len"))
+        # the served context before anything reads vLLM's parallel state; the parallel rules again (the first process
+        # refused the same, `cognica_vllm.config_checks`), as this process's groups have them
+        check_before_build(cfg, model_path if os.path.isdir(model_path) else None,
+                           ServingSettings(context_len=context_len, context_flag="--max-model-len"))
+        refuse(cfg, ServingSettings(tensor_parallel=tp_rank_and_size()[1], pipeline_parallel=get_pp_group().world_size))
         # config.json's, which the HF config keeps (cognica_config drops it); vLLM built vllm_config.quant_config
         # from it, which every linear layer receives
         self.quantization_config = getattr(vllm_config.model_config.hf_config, "quantization_config", None)
