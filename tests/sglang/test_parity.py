@@ -138,6 +138,24 @@ def test_window_reported_to_sglang_counts_the_query_only_for_the_triton_decode()
         assert engine_window_size(S_WINDOW, backend) == S_WINDOW, backend
 
 
+def test_sliding_window_size_keeps_the_swa_pools_layout():
+    """A layer SGLang's hybrid SWA pool holds as sliding (`cognica.hf` sets `hybrid_layer_pattern` from
+    `cfg.is_sliding`, before the served context is known) keeps its window even where the served context is shorter
+    than the window (the same keys: `cognica.serving.served_window_left` says full there); a full layer says -1."""
+    from cognica.config import CognicaConfig
+    from cognica.serving import served_window_left
+    from cognica_sglang.attention import sliding_window_size
+
+    cfg = CognicaConfig(n_layer=4, n_head=4, n_kv_head=4, n_embd=64, vocab_size=512, sequence_len=256)
+    assert any(cfg.is_sliding) and not all(cfg.is_sliding), "the test needs S and L layers"
+    for ctx in (2, 100, 128, 129, 130, 256):
+        for i in range(cfg.n_layer):
+            want = cfg.window_left[i] if cfg.is_sliding[i] else -1
+            assert sliding_window_size(cfg, i, ctx) == want, (ctx, i)
+            if served_window_left(cfg, i, ctx) is not None:  # where the window drops keys, it is the served one
+                assert want == served_window_left(cfg, i, ctx), (ctx, i)
+
+
 def test_modes_that_fill_kv_slots_without_a_forward_are_refused():
     from cognica_sglang.smear import unsupported_modes
 
