@@ -22,8 +22,9 @@ TINY_ENGINE = dict(dtype="float32", max_model_len=1024, block_size=32, seed=0, g
 
 
 def tiny_llm(ckpt: Path, **kw: Any) -> LLM:
-    """An in-process engine on `ckpt` with `TINY_ENGINE`'s arguments, overridden and extended by `kw`."""
-    return LLM(model=str(ckpt), **{**TINY_ENGINE, **kw})
+    """An in-process engine on `ckpt` with `TINY_ENGINE`'s arguments, overridden and extended by `kw` (`model` too:
+    a slot may serve another checkpoint under one of its names)."""
+    return LLM(**{"model": str(ckpt), **TINY_ENGINE, **kw})
 
 
 class EngineSlot:
