@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,12 +106,20 @@ def test_the_sglang_cpu_stand_in_ships_as_data_never_as_a_top_level_sgl_kernel(t
     folder = Path(proc.stdout.strip())
     assert (folder / "sgl_kernel" / "__init__.py").is_file(), f"no sgl_kernel stand-in under {folder}"
     assert folder.resolve() == (REPO / "cognica_sglang" / "cpu_stub").resolve()
+    # built from a copy of the sources: setuptools writes build/ beside setup.py, and a checkout's stale build/lib
+    # (a module since removed) would go into the wheel
+    src, dist = tmp_path / "src", tmp_path / "dist"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy2(REPO / name, src / name)
+    for package in ("cognica", "cognica_vllm", "cognica_sglang", "kernels"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                           str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+                           str(dist), str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    wheel = zipfile.ZipFile(next(dist.glob("*.whl")))
+    names = wheel.namelist()
     assert "cognica_sglang/cpu_stub/sgl_kernel/__init__.py" in names, "the stand-in is missing from the wheel"
     assert not [n for n in names if n.startswith("sgl_kernel/")], "the wheel installs a top-level sgl_kernel"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "sglang-cpu = cognica_sglang.cpu_stub:stub_path" in zipfile.ZipFile(
-        next(tmp_path.glob("*.whl"))).read(entry_points).decode()
+    assert "sglang-cpu = cognica_sglang.cpu_stub:stub_path" in wheel.read(entry_points).decode()
