@@ -1,5 +1,5 @@
 """The serving rules both engine plugins apply, each written once: which layers slide in a served context
-(`served_window_left`), which tensor-parallel sizes the heads allow (`check_tensor_parallel`), what is refused
+(`served_window_left`), which tensor-parallel sizes the heads allow (`tensor_parallel_problem`), what is refused
 (`refusals`, one message per rule, over engine-neutral `ServingSettings` that each plugin's `config_checks` fills
 from its engine's arguments) and the checkpoint check before any allocation (`check_before_build`).
 """
@@ -64,13 +64,6 @@ def tensor_parallel_problem(cfg: CognicaConfig, tp_size: int) -> str | None:
         return (f"cognica: tensor parallel size {tp_size} must divide the {cfg.n_head} query heads and divide, or be a "
                 f"multiple of, the {kv} KV heads")
     return None
-
-
-def check_tensor_parallel(cfg: CognicaConfig, tp_size: int) -> None:
-    """Raise ValueError with `tensor_parallel_problem`'s message."""
-    problem = tensor_parallel_problem(cfg, tp_size)
-    if problem:
-        raise ValueError(problem)
 
 
 def refusals(cfg: CognicaConfig, settings: ServingSettings) -> list[str]:

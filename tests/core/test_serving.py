@@ -9,11 +9,11 @@ from cognica.serving import (
     SMEAR_WHY,
     ServingSettings,
     check_before_build,
-    check_tensor_parallel,
     has_sliding_layers,
     refusals,
     refuse,
     served_window_left,
+    tensor_parallel_problem,
 )
 from cognica.weights import LORA_MODULES, LORA_REACH, engine_module, lora_module_pattern
 
@@ -49,9 +49,10 @@ def test_tensor_parallel_accepts_exactly_the_sizes_qkv_parallel_linear_shards(n_
         shardable = cfg.n_head % tp == 0 and (n_kv_head % tp == 0 if tp <= n_kv_head else tp % n_kv_head == 0)
         if not shardable:
             with pytest.raises(ValueError, match=f"tensor parallel size {tp} must divide the 12 query heads"):
-                check_tensor_parallel(cfg, tp)
+                refuse(cfg, ServingSettings(tensor_parallel=tp))
             continue
-        check_tensor_parallel(cfg, tp)
+        assert tensor_parallel_problem(cfg, tp) is None, f"tp={tp} is shardable"
+        refuse(cfg, ServingSettings(tensor_parallel=tp))
         ranks = [cfg.local_kv_heads(tp, r) for r in range(tp)]
         assert {h for r in ranks for h in r} == set(range(n_kv_head)), f"tp={tp}: every KV head on some rank"
         assert all(len(r) == max(1, n_kv_head // tp) for r in ranks), f"tp={tp}: {ranks}"
